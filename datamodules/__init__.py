@@ -1,0 +1,1 @@
+"""LightningDataModules of the sdzero benchmarks: one file per benchmark plus synthetic ones."""

@@ -1,0 +1,206 @@
+"""Named Stable Diffusion architectures: constructor configs for the UNet, VAE, text encoder and
+scheduler, so that random weights and single-file checkpoints need nothing from the network.
+
+``sd14`` and ``sd15`` share the SD 1.x topology (320/640/1280/1280 UNet with 8 heads per layer,
+768-d CLIP ViT-L/14 text conditioning). ``sd21-base`` is the 512 px SD 2.1 base model: head
+*width* fixed at 64 (so 5/10/20/20 heads), 1024-d OpenCLIP ViT-H text conditioning (23 of its 24
+layers, as the model uses the penultimate layer), linear attention projections. ``tiny`` keeps the
+SD 1.x topology (the same 16 cross-attention layers at the same relative resolutions, 8 heads, a
+VAE that downsamples 8x) at toy widths, for tests and the demo.
+
+Config values follow the hub ``config.json`` files of the default hub ids. One is worth a note:
+``upcast_attention`` is False for ``stabilityai/stable-diffusion-2-1-base`` (it is True only for the
+768 px v-prediction ``stable-diffusion-2-1``), so it is left at its default here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ARCHITECTURES: tuple[str, ...] = ("sd14", "sd15", "sd21-base", "tiny")
+
+# DDPM training schedule shared by every SD 1.x/2.x model (1000 steps, "scaled_linear" betas).
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+_CROSS_ATTN_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+_CROSS_ATTN_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+_SD1_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": _CROSS_ATTN_DOWN,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": _CROSS_ATTN_UP,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    # In diffusers' SD 1.x naming this is the number of heads, not the head width.
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+}
+
+_SD_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "latent_channels": 4,
+    "sample_size": 512,
+}
+
+# CLIP special tokens as the offline tokenizer numbers them (49406 = <|startoftext|>, 49407 =
+# <|endoftext|>); the text model itself only reads token ids, these are recorded for consistency.
+_CLIP_TEXT: dict[str, Any] = {
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Constructor keyword arguments of one named architecture.
+
+    ``unet`` -> ``UNet2DConditionModel(**unet)``, ``vae`` -> ``AutoencoderKL(**vae)``,
+    ``text_encoder`` -> ``CLIPTextModel(CLIPTextConfig(**text_encoder))``; ``pad_token`` is the
+    tokenizer's padding token; ``hub_id`` the weights this architecture stands for (None for tiny).
+    """
+
+    name: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    pad_token: str
+    hub_id: str | None
+
+
+_SD1_TEXT = {
+    **_CLIP_TEXT,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "pad_token_id": 49407,
+}
+
+_ARCHS: dict[str, Architecture] = {
+    "sd14": Architecture(
+        "sd14", _SD1_UNET, _SD_VAE, _SD1_TEXT, "<|endoftext|>", "CompVis/stable-diffusion-v1-4"
+    ),
+    # The hub id moved from runwayml/stable-diffusion-v1-5 (removed) to this organisation.
+    "sd15": Architecture(
+        "sd15",
+        _SD1_UNET,
+        _SD_VAE,
+        _SD1_TEXT,
+        "<|endoftext|>",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ),
+    "sd21-base": Architecture(
+        "sd21-base",
+        {
+            **_SD1_UNET,
+            # SD 2.x fixes the head width at 64; diffusers keeps the old key name for the head count.
+            "attention_head_dim": (5, 10, 20, 20),
+            "cross_attention_dim": 1024,
+            "use_linear_projection": True,
+        },
+        {**_SD_VAE, "sample_size": 768},
+        {
+            **_CLIP_TEXT,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "projection_dim": 512,
+            "hidden_act": "gelu",
+            "pad_token_id": 0,
+        },
+        "!",
+        "stabilityai/stable-diffusion-2-1-base",
+    ),
+    "tiny": Architecture(
+        "tiny",
+        {
+            **_SD1_UNET,
+            "sample_size": 32,
+            "block_out_channels": (32, 32, 64, 64),
+            "norm_num_groups": 8,
+            "cross_attention_dim": 32,
+        },
+        {
+            **_SD_VAE,
+            "block_out_channels": (8, 16, 32, 32),
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "sample_size": 256,
+        },
+        {
+            **_CLIP_TEXT,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 32,
+            "hidden_act": "quick_gelu",
+            "pad_token_id": 49407,
+        },
+        "<|endoftext|>",
+        None,
+    ),
+}
+
+# UNet config keys that tell the architectures apart (and that weights must agree with).
+_TOPOLOGY_KEYS = (
+    "block_out_channels",
+    "layers_per_block",
+    "attention_head_dim",
+    "cross_attention_dim",
+    "use_linear_projection",
+)
+
+
+def get_architecture(name: str) -> Architecture:
+    """The named architecture; ``ValueError`` listing the names for an unknown one."""
+    if name not in _ARCHS:
+        raise ValueError(
+            f"unknown Stable Diffusion architecture {name!r}; expected one of {list(ARCHITECTURES)}"
+        )
+    return _ARCHS[name]
+
+
+def default_hub_id(arch: str) -> str:
+    """Hugging Face hub id of the official weights of ``arch`` (``ValueError`` for ``tiny``)."""
+    hub_id = get_architecture(arch).hub_id
+    if hub_id is None:
+        raise ValueError(f"architecture {arch!r} exists only with random weights; it has no hub id")
+    return hub_id
+
+
+def _normalised(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def unet_topology(unet_config: Any) -> dict[str, Any]:
+    """The topology-defining entries of a UNet config (a dict or a diffusers ``FrozenDict``)."""
+    defaults = {"use_linear_projection": False}
+    return {k: _normalised(unet_config.get(k, defaults.get(k))) for k in _TOPOLOGY_KEYS}
+
+
+def matching_architectures(unet_config: Any) -> list[str]:
+    """Names whose UNet topology equals that of ``unet_config`` (sd14 and sd15 match together)."""
+    topology = unet_topology(unet_config)
+    return [name for name in ARCHITECTURES if unet_topology(_ARCHS[name].unet) == topology]

@@ -1,0 +1,61 @@
+"""CLIP image/text embeddings for OVDiff's class pre-filter (the filter logic lives elsewhere)."""
+
+from __future__ import annotations
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from torch import Tensor, nn
+
+from sdzero.backbones.vit import NORMALIZATIONS, check_images, get_vit_spec, load_backbone_model
+
+
+class CLIPClassifier(nn.Module):
+    """A frozen open_clip model giving L2-normalised embeddings in its joint space.
+
+    ``encode_text(prompts)`` -> (P, D); ``encode_image(images)`` with (B, 3, H, W) float in [0, 1]
+    -> (B, D): stretched to the model's input size (224 px for ViT-B/16; bicubic, antialiased)
+    and normalised with CLIP's own mean/std. Text goes through open_clip's own tokenizer.
+    """
+
+    def __init__(self, model: CLIP, tokenizer: open_clip.tokenizer.SimpleTokenizer) -> None:
+        super().__init__()
+        if not isinstance(model, CLIP):
+            raise TypeError(f"expected an open_clip CLIP model, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_size = tuple(model.visual.image_size)
+        mean, std = NORMALIZATIONS["clip"]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        """Prompts -> (P, D) unit-norm text embeddings."""
+        if (
+            isinstance(prompts, str)
+            or not prompts
+            or not all(isinstance(p, str) for p in prompts)
+        ):
+            raise ValueError(f"expected a non-empty list of prompt strings, got {prompts!r}")
+        tokens = self.tokenizer(list(prompts)).to(self.mean.device)
+        return self.model.encode_text(tokens, normalize=True)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D) unit-norm image embeddings."""
+        check_images(images)
+        if tuple(images.shape[-2:]) != self.image_size:
+            # Clamped like the 8-bit PIL image CLIP's own preprocessing would produce.
+            images = F.interpolate(
+                images, size=self.image_size, mode="bicubic", align_corners=False, antialias=True
+            ).clamp(0, 1)
+        return self.model.encode_image((images - self.mean) / self.std, normalize=True)
+
+
+def build_clip_classifier(name: str = "clip_vitb16", weights: str = "pretrained") -> CLIPClassifier:
+    """The named open_clip backbone of ``VIT_MODELS`` (``clip_vitb16`` or ``tiny_clip16``) as a
+    classifier; ``weights`` as in ``load_backbone_model``."""
+    spec = get_vit_spec(name)
+    if spec.library != "open_clip":
+        raise ValueError(f"backbone {name!r} is not a CLIP model; expected an open_clip backbone")
+    return CLIPClassifier(load_backbone_model(name, weights), open_clip.get_tokenizer(spec.arch))

@@ -1,0 +1,143 @@
+"""The ``sdzero`` command: eval, demo, match, segment, prototypes build, info."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sdzero.config import ConfigError, available, compose, config_dir
+
+DEMO_EXPERIMENTS = ("demo_correspondence", "demo_segmentation")
+METHOD_CLIS = ("sdzero.correspondence.cli", "sdzero.segmentation.cli")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from sdzero.runs import format_metrics, run_eval
+
+    cfg = compose(args.experiment, args.overrides)
+    metrics = run_eval(cfg)
+    print(format_metrics(metrics))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from sdzero.runs import RUN_DIR_ENV, format_metrics, run_eval
+
+    out = Path(args.out)
+    for name in DEMO_EXPERIMENTS:
+        if name not in available("experiment"):
+            print(f"[demo] experiment {name!r} is not available yet; skipped", file=sys.stderr)
+            continue
+        os.environ.pop(RUN_DIR_ENV, None)
+        run_dir = out / name.removeprefix("demo_")
+        cfg = compose(name, [f"output_dir={run_dir}", *args.overrides])
+        metrics = run_eval(cfg)
+        print(f"\n== {name} -> {run_dir}\n{format_metrics(metrics)}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import importlib.metadata as md
+
+    import torch
+
+    from sdzero.backbones.sd import describe_source
+
+    print("versions:")
+    for pkg in (
+        "sdzero",
+        "torch",
+        "torchvision",
+        "diffusers",
+        "transformers",
+        "pytorch-lightning",
+        "torchmetrics",
+        "open-clip-torch",
+        "timm",
+        "wandb",
+        "omegaconf",
+    ):
+        try:
+            print(f"  {pkg:18s} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            print(f"  {pkg:18s} not installed")
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print("devices:")
+    print(f"  cpu threads        {torch.get_num_threads()}")
+    print(f"  cuda devices       {cuda}")
+    for i in range(cuda):
+        print(f"    cuda:{i}          {torch.cuda.get_device_name(i)}")
+    print(f"configs: {config_dir()}")
+    print("backbones (backbone=<name>):")
+    for name in available("backbone"):
+        cfg = compose(None, [f"backbone={name}"]) if name else None
+        print(f"  {name:18s} {describe_source(cfg.backbone.weights, cfg.backbone.arch)}")
+    print("datasets (data=<name>, data.root=...):")
+    for name in available("data"):
+        print(f"  {name}")
+    print("experiments (sdzero eval <name>):")
+    for name in available("experiment"):
+        print(f"  {name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdzero", description="Zero-shot vision with frozen Stable Diffusion."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="evaluate an experiment on its benchmark")
+    p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="run the demo experiments on synthetic data (CPU, no download)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to both demos")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("info", help="versions, devices, backbones, datasets")
+    p.set_defaults(func=_info)
+
+    for (
+        package
+    ) in METHOD_CLIS:  # each method registers its own commands (match, segment, prototypes)
+        try:
+            module = importlib.import_module(package)
+        except ModuleNotFoundError as err:
+            if err.name != package:
+                raise
+            continue
+        module.register_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from datamodules.base import DatasetFormatError, DatasetNotFoundError
+    from sdzero.backbones.sd import WeightsNotFoundError
+
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"sdzero: config error: {err}", file=sys.stderr)
+        return 2
+    except (DatasetFormatError, DatasetNotFoundError, WeightsNotFoundError) as err:
+        print(f"sdzero: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

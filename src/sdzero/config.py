@@ -1,0 +1,229 @@
+"""Config composition, validation and instantiation (plain OmegaConf, no Hydra).
+
+``configs/eval.yaml`` holds a ``defaults`` list choosing one file per group (``backbone``, ``method``,
+``data``, ``trainer``, ``logger``) plus the top-level keys. An experiment file (``configs/experiment/
+NAME.yaml`` or any YAML path) may re-choose groups in its own ``defaults`` list and override keys;
+command-line ``key=value`` items come last: ``backbone=tiny`` re-chooses a group, ``method.lr=0.01``
+sets a key. The composed config is the schema: a key that does not exist in it is an error naming the
+closest valid keys, and a required value left as ``???`` is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+GROUPS = ("backbone", "method", "data", "trainer", "logger")
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the key or file."""
+
+
+def config_dir() -> Path:
+    """The ``configs/`` folder: ``$SDZERO_CONFIG_DIR``, else the one beside the installed sources."""
+    env = os.environ.get("SDZERO_CONFIG_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "configs" / "eval.yaml").is_file():
+            return parent / "configs"
+    raise ConfigError(
+        "cannot find the configs/ folder (looked above "
+        f"{here.parent}); install sdzero from its repository (pip install -e .) or set SDZERO_CONFIG_DIR"
+    )
+
+
+def available(group: str) -> list[str]:
+    """Option names of a config group (``experiment`` included)."""
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return cfg
+
+
+def _group_file(group: str, option: str) -> Path:
+    path = config_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(option, available(group), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"no config {option!r} in group {group!r} (options: {', '.join(available(group))}){hint}"
+        )
+    return path
+
+
+def _split_defaults(cfg: DictConfig, source: str) -> dict[str, str]:
+    """Pop and parse a ``defaults`` list of ``{group: option}`` items."""
+    choices: dict[str, str] = {}
+    if "defaults" not in cfg:
+        return choices
+    defaults = cfg.pop("defaults")
+    if not isinstance(defaults, ListConfig):
+        raise ConfigError(f"{source}: 'defaults' must be a list of 'group: option' items")
+    for item in defaults:
+        if not isinstance(item, DictConfig) or len(item) != 1:
+            raise ConfigError(
+                f"{source}: each defaults item must be one 'group: option' pair, got {item}"
+            )
+        ((group, option),) = item.items()
+        group = str(group).removeprefix("override ").strip().lstrip("/")
+        if group not in GROUPS:
+            raise ConfigError(
+                f"{source}: unknown config group {group!r} (groups: {', '.join(GROUPS)})"
+            )
+        choices[group] = str(option)
+    return choices
+
+
+def leaf_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of every key in ``cfg`` (mappings are walked, lists are leaves)."""
+    keys = []
+    if isinstance(cfg, DictConfig):
+        for k in cfg:
+            path = f"{prefix}{k}"
+            keys.append(path)
+            node = cfg._get_node(k)
+            if isinstance(node, DictConfig):
+                keys += leaf_keys(node, f"{path}.")
+    return keys
+
+
+def _check_known(cfg: DictConfig, keys: Sequence[str], source: str) -> None:
+    valid = leaf_keys(cfg)
+    for key in keys:
+        if key in valid:
+            continue
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        if parent and parent in valid and OmegaConf.select(cfg, parent) is None:
+            continue  # setting a field inside a node that is null by default (e.g. a dict option)
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown config key {key!r} (from {source}).{hint}")
+
+
+def _dotlist_keys(items: Sequence[str]) -> list[str]:
+    keys = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        keys.append(item.split("=", 1)[0].strip().lstrip("+"))
+    return keys
+
+
+def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``eval.yaml`` + group files + experiment + command-line overrides; validate.
+
+    :param experiment: a name under ``configs/experiment/`` or a path to a YAML file.
+    :param overrides: ``key=value`` items; ``group=option`` re-chooses a config group.
+    """
+    base = _load_yaml(config_dir() / "eval.yaml")
+    choices = _split_defaults(base, "eval.yaml")
+    exp_cfg = OmegaConf.create()
+    if experiment:
+        path = Path(experiment)
+        if not (path.suffix in {".yaml", ".yml"} and path.is_file()):
+            names = available("experiment")
+            if experiment not in names:
+                close = difflib.get_close_matches(experiment, names, n=3)
+                hint = f" Did you mean: {', '.join(close)}?" if close else ""
+                raise ConfigError(
+                    f"unknown experiment {experiment!r}: not a YAML file and not one of "
+                    f"{', '.join(names)}.{hint}"
+                )
+            path = config_dir() / "experiment" / f"{experiment}.yaml"
+        exp_cfg = _load_yaml(path)
+        choices.update(_split_defaults(exp_cfg, str(path)))
+
+    dotlist = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in GROUPS and "=" in item:
+            choices[key] = item.split("=", 1)[1].strip()
+        else:
+            dotlist.append(item)
+
+    cfg = base
+    for group in GROUPS:
+        if group not in choices:
+            raise ConfigError(f"eval.yaml's defaults list has no entry for group {group!r}")
+        cfg[group] = _load_yaml(_group_file(group, choices[group]))
+    cfg.choices = dict(choices)
+    if experiment:
+        cfg.experiment = (
+            Path(experiment).stem if experiment.endswith((".yaml", ".yml")) else experiment
+        )
+    _check_known(cfg, leaf_keys(exp_cfg), f"experiment {experiment!r}")
+    cfg = OmegaConf.merge(cfg, exp_cfg)
+    _check_known(cfg, _dotlist_keys(dotlist), "the command line")
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([d.lstrip("+") for d in dotlist]))
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing required value(s): {', '.join(missing)}. Set them on the command line, "
+            f"e.g. {missing[0]}=..."
+        )
+    OmegaConf.resolve(cfg)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _import(target: str) -> Any:
+    module, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"_target_ {target!r} cannot be imported: {err}") from err
+
+
+def instantiate(node: DictConfig | dict, key: str = "", **extra: Any) -> Any:
+    """Build ``node["_target_"](**other keys, **extra)``, checking keys against the signature first.
+
+    :param key: the node's path in the config, used in error messages (e.g. ``"method"``).
+    """
+    params = (
+        OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    )
+    target = params.pop("_target_", None)
+    if not target:
+        raise ConfigError(f"config node {key or '<root>'!r} has no _target_")
+    factory = _import(target)
+    params.update(extra)
+    sig = inspect.signature(factory)
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    if not accepts_any:
+        names = [n for n in sig.parameters if n != "self"]
+        for name in params:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=3)
+                hint = f" Did you mean: {', '.join(f'{key}.{c}' for c in close)}?" if close else ""
+                raise ConfigError(
+                    f"unknown config key {key}.{name} for {target}; valid keys: "
+                    f"{', '.join(n for n in names if n not in extra)}.{hint}"
+                )
+    try:
+        sig.bind(**params)
+    except TypeError as err:
+        raise ConfigError(f"config node {key!r} ({target}): {err}") from err
+    return factory(**params)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from sdzero.records import write_bytes_atomic
+
+    write_bytes_atomic(path, OmegaConf.to_yaml(cfg, resolve=True).encode())

@@ -1,0 +1,1 @@
+"""Semantic correspondence by prompt optimisation (Hedlin et al., NeurIPS 2023)."""

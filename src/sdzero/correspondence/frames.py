@@ -1,0 +1,66 @@
+"""The model frame: an original image of ``(w, h)`` pixels mapped onto the ``S×S`` network input.
+
+``stretch`` (the official code) resizes to ``S×S`` without keeping the aspect ratio;
+``letterbox`` scales the longer side to ``S`` and pads the rest (right/bottom) with black.
+Points map by per-axis scale factors: ``x_model = x_orig * sx``, ``y_model = y_orig * sy``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+RESIZE_MODES = ("stretch", "letterbox")
+
+
+@dataclass(frozen=True)
+class ModelFrame:
+    """Geometry of one image: original ``(w, h)``, model side ``size``, ``mode``."""
+
+    w: int
+    h: int
+    size: int
+    mode: str = "stretch"
+
+    def __post_init__(self) -> None:
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"method.resize must be one of {RESIZE_MODES}, got {self.mode!r}")
+
+    @property
+    def content_wh(self) -> tuple[int, int]:
+        """Size of the resized image content inside the ``S×S`` frame."""
+        if self.mode == "stretch":
+            return self.size, self.size
+        s = self.size / max(self.w, self.h)
+        return max(1, round(self.w * s)), max(1, round(self.h * s))
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        cw, ch = self.content_wh
+        return cw / self.w, ch / self.h
+
+    def to_model(self, points_xy: torch.Tensor) -> torch.Tensor:
+        """``(N, 2)`` original pixels -> model frame."""
+        return points_xy * points_xy.new_tensor(self.scale)
+
+    def to_original(self, points_xy: torch.Tensor) -> torch.Tensor:
+        """``(N, 2)`` model frame -> original pixels."""
+        return points_xy / points_xy.new_tensor(self.scale)
+
+    def box_to_model(self, box: torch.Tensor) -> torch.Tensor:
+        """``[x1, y1, x2, y2]`` original pixels -> model frame."""
+        sx, sy = self.scale
+        return box * box.new_tensor([sx, sy, sx, sy])
+
+    def image(self, image_u8: torch.Tensor) -> torch.Tensor:
+        """``(3, h, w)`` uint8 -> ``(1, 3, S, S)`` float in [0, 1] (bilinear, antialiased)."""
+        if image_u8.ndim != 3 or image_u8.shape[0] != 3:
+            raise ValueError(f"expected a (3, H, W) RGB image, got shape {tuple(image_u8.shape)}")
+        cw, ch = self.content_wh
+        x = image_u8.float().div(255).unsqueeze(0)
+        x = F.interpolate(x, size=(ch, cw), mode="bilinear", align_corners=False, antialias=True)
+        if (cw, ch) != (self.size, self.size):
+            x = F.pad(x, (0, self.size - cw, 0, self.size - ch))
+        return x.clamp(0, 1)

@@ -1,0 +1,198 @@
+"""LightningModule of the prompt-optimisation correspondence method: one test_step per image pair."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdzero.backbones.sd import load_stable_diffusion
+from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
+from sdzero.correspondence.frames import ModelFrame
+from sdzero.evaluation import EvaluationModule
+from sdzero.metrics.pck import PCK, threshold_size
+
+PCK_FRAMES = ("original", "resized")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PromptCorrespondenceModule(EvaluationModule):
+    """Hedlin et al.'s method as an evaluation module; every argument is a ``method.*`` config key.
+
+    Defaults reproduce the official code (see :class:`~sdzero.correspondence.fitting.FitConfig`).
+    Scoring: ``pck_threshold`` (``bbox-target`` | ``bbox-source`` | ``bbox-keypoints`` |
+    ``bbox-keypoints-padded`` | ``image``) measured in ``pck_frame`` (``original`` pixels of the target,
+    or ``resized``: the model frame, as the official code measures).
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        steps: int = 129,
+        lr: float = 2.3756e-3,
+        num_embeddings: int = 5,
+        inference_crops: int = 20,
+        layers: Sequence[int | str] = (7, 8, 9, 10),
+        heads: Sequence[int] | None = (4, 5, 6, 7),
+        sigma: float = 27.98,
+        opt_timestep: int = 140,
+        infer_timestep: int = 40,
+        noise: str = "uniform",
+        crop_fraction: float = 0.9317,
+        crop_margin: float = 0.15,
+        image_size: int = 512,
+        token: int = 1,
+        batch_size: int = 0,
+        resize: str = "stretch",
+        pck_threshold: str = "bbox-target",
+        pck_frame: str = "original",
+        pck_alphas: Sequence[float] = (0.05, 0.1, 0.15),
+        pck_inclusive: bool = True,
+        seed: int = 0,
+        run_dir: str | None = None,
+        visuals: int = 0,
+    ) -> None:
+        super().__init__(run_dir=run_dir, visuals=visuals)
+        self.fit_cfg = FitConfig(
+            steps=steps,
+            lr=lr,
+            num_embeddings=num_embeddings,
+            inference_crops=inference_crops,
+            layers=tuple(layers),
+            heads=None if heads is None else tuple(heads),
+            sigma=sigma,
+            opt_timestep=opt_timestep,
+            infer_timestep=infer_timestep,
+            noise=noise,
+            crop_fraction=crop_fraction,
+            crop_margin=crop_margin,
+            image_size=image_size,
+            token=token,
+            batch_size=batch_size,
+        )
+        if pck_frame not in PCK_FRAMES:
+            raise ValueError(f"method.pck_frame must be one of {PCK_FRAMES}, got {pck_frame!r}")
+        ModelFrame(1, 1, image_size, resize)  # validates method.resize
+        if backbone.get("dtype", "float32") not in _DTYPES:
+            raise ValueError(
+                f"backbone.dtype must be one of {list(_DTYPES)}, got {backbone['dtype']!r}"
+            )
+        self.backbone_cfg = dict(backbone)
+        self.resize = resize
+        self.pck_frame = pck_frame
+        self.seed = int(seed)
+        self.metric = PCK(alphas=pck_alphas, threshold=pck_threshold, inclusive=pck_inclusive)
+        self.sd = None
+        self.method: PromptCorrespondence | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.sd is None:
+            cfg = self.backbone_cfg
+            self.sd = load_stable_diffusion(
+                cfg["weights"], cfg["arch"], dtype=_DTYPES[cfg.get("dtype", "float32")]
+            )
+            self.random_weights = bool(self.sd.random_weights)
+            self.method = PromptCorrespondence(self.sd, self.fit_cfg)
+
+    # -------------------------------------------------------------------------------- one pair
+    def predict_pair(
+        self, src_img: torch.Tensor, trg_img: torch.Tensor, src_kps: torch.Tensor, index: int = 0
+    ) -> torch.Tensor:
+        """Predicted target points ``(N, 2)`` in ORIGINAL target pixels for source points ``(N, 2)``
+        in original source pixels; images are ``(3, H, W)`` uint8."""
+        size = self.fit_cfg.image_size
+        src_frame = ModelFrame(int(src_img.shape[2]), int(src_img.shape[1]), size, self.resize)
+        trg_frame = ModelFrame(int(trg_img.shape[2]), int(trg_img.shape[1]), size, self.resize)
+        w, h = src_frame.w, src_frame.h
+        outside = (
+            (src_kps[:, 0] < 0) | (src_kps[:, 0] > w) | (src_kps[:, 1] < 0) | (src_kps[:, 1] > h)
+        )
+        if outside.any():
+            bad = src_kps[outside][0].tolist()
+            raise ValueError(f"query point {bad} lies outside the {w}x{h} source image")
+        pred = self.method.match(
+            src_frame.image(src_img).to(self.device),
+            trg_frame.image(trg_img).to(self.device),
+            src_frame.to_model(src_kps.float()),
+            seed=self.seed,
+            index=index,
+        )
+        return trg_frame.to_original(pred.cpu())
+
+    def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
+        pred = self.predict_pair(
+            batch["src_img"], batch["trg_img"], batch["src_kps"], batch["index"]
+        )
+        return {
+            "index": int(batch["index"]),
+            "id": str(batch["id"]),
+            "category": str(batch["category"]),
+            "src_kps": batch["src_kps"].tolist(),
+            "trg_kps": batch["trg_kps"].tolist(),
+            "pred_kps": [[round(x, 3), round(y, 3)] for x, y in pred.tolist()],
+            "src_size": list(batch["src_size"]),
+            "trg_size": list(batch["trg_size"]),
+            "threshold_size": self._threshold_size(batch),
+        }
+
+    def _threshold_size(self, batch: dict[str, Any]) -> float:
+        """The length alpha multiplies, in ``pck_frame``."""
+        trg_kps, src_bbox, trg_bbox = batch["trg_kps"], batch["src_bbox"], batch["trg_bbox"]
+        trg_size = torch.tensor(batch["trg_size"], dtype=torch.float32)
+        if self.pck_frame == "resized":
+            size = self.fit_cfg.image_size
+            src_frame = ModelFrame(*batch["src_size"], size, self.resize)
+            trg_frame = ModelFrame(*batch["trg_size"], size, self.resize)
+            trg_kps = trg_frame.to_model(trg_kps)
+            src_bbox, trg_bbox = src_frame.box_to_model(src_bbox), trg_frame.box_to_model(trg_bbox)
+            trg_size = torch.tensor([float(size), float(size)])
+        boxes = {"src_bbox": src_bbox, "trg_bbox": trg_bbox}
+        boxes = {k: (None if torch.isnan(v).any() else v.tolist()) for k, v in boxes.items()}
+        return threshold_size(
+            self.metric.threshold, trg_kps=trg_kps, trg_size=trg_size.tolist(), **boxes
+        )
+
+    def scoring_points(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pred, target)`` of a record in ``pck_frame`` pixels."""
+        pred = torch.tensor(record["pred_kps"], dtype=torch.float64).reshape(-1, 2)
+        target = torch.tensor(record["trg_kps"], dtype=torch.float64).reshape(-1, 2)
+        if self.pck_frame == "resized":
+            frame = ModelFrame(*record["trg_size"], self.fit_cfg.image_size, self.resize)
+            pred, target = frame.to_model(pred), frame.to_model(target)
+        return pred, target
+
+    def update_metric(self, record: dict[str, Any], batch: dict[str, Any] | None = None) -> None:
+        pred, target = self.scoring_points(record)
+        self.metric.update(
+            pred,
+            target,
+            index=record["index"],
+            category=record["category"],
+            threshold_size=record["threshold_size"],
+        )
+
+    def summarise(self, computed: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "task": "correspondence",
+            "num_pairs": int(computed["num_pairs"]),
+            "num_points": int(computed["num_points"]),
+            "pck": computed["pck"],
+            "pck_point": computed["pck_point"],
+            "threshold": self.metric.threshold,
+            "frame": self.pck_frame,
+            "per_category": computed["per_category"],
+            "seconds_per_pair": computed["seconds_per_sample"],
+        }
+
+    def save_visual(self, record: dict[str, Any], batch: dict[str, Any], path: Path) -> None:
+        from sdzero.correspondence.viz import draw_matches
+
+        draw_matches(
+            batch["src_img"],
+            batch["trg_img"],
+            batch["src_kps"],
+            torch.tensor(record["pred_kps"]),
+            batch["trg_kps"],
+        ).save(path)

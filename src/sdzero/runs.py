@@ -1,0 +1,134 @@
+"""`sdzero eval`: build the datamodule, the method and a Lightning Trainer from a composed config, run.
+
+Order matters for failing early: the config is validated (compose), then the dataset files are read
+and checked (datamodule setup), and only then is the backbone loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from sdzero.config import ConfigError, instantiate, save_config
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_ENV = (
+    "SDZERO_RUN_DIR"  # shared by DDP ranks re-launched by Lightning (they inherit the env)
+)
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    """Create the run folder: ``output_dir`` or ``runs/<experiment>/<timestamp>``, the same on all ranks."""
+    if os.environ.get(RUN_DIR_ENV):
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif cfg.output_dir:
+        run_dir = Path(cfg.output_dir)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / str(cfg.experiment or "eval") / stamp
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
+
+
+def wandb_has_key() -> bool:
+    """Whether a W&B API key is configured (env var or netrc), without touching the network."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    """The run's Lightning logger from the ``logger`` group (``wandb`` | ``csv`` | ``none``)."""
+    kind = cfg.logger.kind
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    if kind == "wandb":
+        from pytorch_lightning.loggers import WandbLogger
+
+        offline = cfg.logger.offline if cfg.logger.offline is not None else not wandb_has_key()
+        name = cfg.logger.name or f"{cfg.experiment or 'eval'}-{run_dir.name}"
+        return WandbLogger(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            name=name,
+            save_dir=str(run_dir),
+            offline=bool(offline),
+            tags=list(cfg.logger.tags),
+            config=_plain(cfg),
+        )
+    raise ConfigError(f"logger.kind must be wandb, csv or none, got {kind!r}")
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def build_trainer(cfg: DictConfig, logger: Any) -> pl.Trainer:
+    """A Trainer for evaluation: ``inference_mode=False`` so methods may optimise in ``test_step``."""
+    kwargs = _plain(cfg.trainer)
+    return pl.Trainer(
+        **kwargs,
+        logger=logger,
+        inference_mode=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=os.environ[RUN_DIR_ENV],
+    )
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Run one evaluation; returns the ``metrics.json`` object (also written into the run folder)."""
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run_dir = make_run_dir(cfg)
+    save_config(cfg, run_dir / "config.yaml")
+    datamodule = instantiate(cfg.data, key="data")
+    datamodule.setup("test")  # reads and validates the annotation files before any model is loaded
+    module = instantiate(
+        cfg.method,
+        key="method",
+        backbone=_plain(cfg.backbone),
+        run_dir=str(run_dir),
+        visuals=cfg.visuals,
+        seed=int(cfg.seed),
+    )
+    trainer = build_trainer(cfg, build_logger(cfg, run_dir))
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics_path = run_dir / "metrics.json"
+    if module.final_metrics is not None:
+        return module.final_metrics
+    return json.loads(metrics_path.read_text())
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A small plain-text table of the headline numbers of a ``metrics.json`` object."""
+    rows: list[tuple[str, str]] = []
+    for key, value in metrics.items():
+        if key in {"per_category", "per_class_iou"}:
+            continue
+        if isinstance(value, dict):
+            rows += [(f"{key}@{k}", _fmt(v)) for k, v in value.items()]
+        else:
+            rows.append((key, _fmt(value)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,240 @@
+"""Dense feature extractors for OVDiff prototypes and inference, behind one interface.
+
+Every extractor maps images ``(B, 3, H, W)`` in [0, 1] to features ``(B, D, gh, gw)`` on its grid,
+with the grid cell ``(i, j)`` covering pixels ``[i*H/gh, (i+1)*H/gh) x [j*W/gw, (j+1)*W/gw)``.
+Support images (512², square) go straight in; test-time windows go through :meth:`prepare` first,
+which applies OVDiff's per-extractor input size ("Per-extractor input" in the reference notes).
+Resizes use antialiased bicubic interpolation (OVDiff resizes with PIL's LANCZOS).
+
+Names accepted by :func:`build_extractor`:
+
+- ``sd``: Stable Diffusion cross-attention queries (OVDiff's 7680-d SD features);
+- ``dino`` / ``dino:<vit>``: keys of DINO ViT-B/8's last block (``<vit>`` another
+  :data:`~sdzero.backbones.vit.VIT_MODELS` entry, e.g. ``dino:tiny_vit8`` in tests);
+- ``clip`` / ``clip:<vit>``: keys of CLIP ViT-B/16's block -2 (``clip:tiny_clip16`` in tests);
+- ``colour``: plain colour features of 8×8 patches, no model (known-answer tests, debugging a
+  dataset: if ``colour`` cannot separate its classes, neither colour cue nor masks are the issue).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdzero.backbones.attention import AttentionCapture, resolve_layers
+from sdzero.backbones.sd import StableDiffusion, validate_images
+from sdzero.backbones.vit import build_vit_extractor, check_images
+
+SD_LAYERS = (0, 6, 7, 8, 9, 10, 11, 12, 15)  # OVDiff's spec "0,6:13,15"
+SD_TIMESTEP = 200
+SD_SEED = 43
+SD_INPUT_SIZE = 512
+CLIP_INPUT_SIZE = 448
+DINO_MAX_SIDE = 800
+VIT_MODELS = {"dino": "dino_vitb8", "clip": "clip_vitb16"}
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 3, *size)``, antialiased bicubic, clamped to [0, 1]."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp_(0, 1)
+
+
+def floor_to_multiple(images: torch.Tensor, multiple: int, max_side: int | None = None):
+    """Resize so each side is a multiple of ``multiple`` (rounded down, at least one multiple),
+    after scaling down to ``max_side`` on the long side (aspect kept) when it is exceeded."""
+    h, w = images.shape[-2:]
+    scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
+    size = tuple(max(multiple, int(s * scale) // multiple * multiple) for s in (h, w))
+    return resize(images, size)
+
+
+class FeatureExtractor(nn.Module):
+    """Base: ``name`` (as given to :func:`build_extractor`), ``dim`` (D), ``settings`` (everything
+    the features depend on, for cache keys), ``prepare(window)`` and ``forward(images)``."""
+
+    name: str
+    dim: int
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def prepare(self, window: torch.Tensor) -> torch.Tensor:
+        """Test-time window ``(B, 3, h, w)`` in [0, 1] -> the input size this extractor uses."""
+        raise NotImplementedError
+
+
+class SDQueryExtractor(FeatureExtractor):
+    """OVDiff's SD features: queries of cross-attention layers ``layers`` (indices among the 16).
+
+    The VAE latent is *sampled*, DDPM-noised to ``timestep`` with Gaussian noise (both from a CPU
+    generator seeded ``seed`` at every call), and one UNet pass with the empty-prompt embedding
+    runs up to the last read layer. Each layer's queries ``(B, h*w, C)`` are bilinearly upsampled
+    to the largest grid (64² for 512² input) and concatenated in layer order, unnormalised:
+    ``(B, sum C, H/8, W/8)`` (7680-d for SD 1.5). Windows are resized to ``input_size``² first.
+    """
+
+    name = "sd"
+
+    def __init__(
+        self,
+        sd: StableDiffusion,
+        layers: Sequence[int] = SD_LAYERS,
+        timestep: int = SD_TIMESTEP,
+        seed: int = SD_SEED,
+        input_size: int = SD_INPUT_SIZE,
+    ) -> None:
+        super().__init__()
+        self.sd = sd
+        self.layer_indices = [int(i) for i in layers]
+        self.layers = resolve_layers(sd.unet, self.layer_indices)
+        self.timestep = int(timestep)
+        self.seed = int(seed)
+        self.input_size = int(input_size)
+        self.dim = sum(sd.unet.get_submodule(p).to_q.out_features for p in self.layers)
+        with torch.no_grad():
+            self.register_buffer("empty_prompt", sd.encode_prompt([""]), persistent=False)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "backbone": self.sd.source,
+            "arch": self.sd.arch,
+            "dtype": str(self.sd.dtype),
+            "layers": self.layer_indices,
+            "timestep": self.timestep,
+            "seed": self.seed,
+        }
+
+    def prepare(self, window: torch.Tensor) -> torch.Tensor:
+        return resize(window, (self.input_size, self.input_size))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, *, truncate: bool = True) -> torch.Tensor:
+        """``(B, 3, H, W)`` [0, 1] -> ``(B, dim, H/8, W/8)`` float32 (``truncate`` only for tests)."""
+        validate_images(images)
+        generator = torch.Generator().manual_seed(self.seed)
+        latents = self.sd.encode_images(images, sample=True, generator=generator)
+        noisy = self.sd.add_noise(latents, self.timestep, "gaussian", generator=generator)
+        context = self.empty_prompt.to(noisy.dtype).expand(noisy.shape[0], -1, -1)
+        unet = self.sd.unet
+        with AttentionCapture(unet, self.layers, probs=False, queries=True, truncate=truncate) as cap:
+            got = cap(noisy, torch.tensor(self.timestep, device=noisy.device), context)
+        target = max((got.hw[p] for p in self.layers), key=lambda hw: hw[0] * hw[1])
+        maps = []
+        for path in self.layers:
+            q = got.queries[path].float()
+            q = q.transpose(1, 2).reshape(q.shape[0], q.shape[2], *got.hw[path])
+            maps.append(F.interpolate(q, size=target, mode="bilinear", align_corners=False))
+        return torch.cat(maps, dim=1)
+
+
+class ViTKeyExtractor(FeatureExtractor):
+    """DINO/CLIP attention keys (``kind`` "dino" or "clip") of ``model`` (a ``VIT_MODELS`` name).
+
+    ``(B, 3, H, W)`` -> ``(B, 768, H/p, W/p)`` for the ViT-B models. Test-time windows: CLIP
+    resizes to ``448²``; DINO keeps the window, scaled down to a long side of at most 800, each
+    side rounded down to a multiple of the patch.
+    """
+
+    def __init__(self, kind: str, model: str | None = None, weights: str = "pretrained") -> None:
+        super().__init__()
+        if kind not in VIT_MODELS:
+            raise ValueError(f"ViT extractor kind must be one of {sorted(VIT_MODELS)}, got {kind!r}")
+        self.kind = kind
+        self.model_name = model or VIT_MODELS[kind]
+        self.weights = weights
+        self.name = kind if model is None else f"{kind}:{model}"
+        # Seeded so that random test weights, and thus cached prototypes, are reproducible.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.vit = build_vit_extractor(self.model_name, weights, facet="key")
+        self.dim = self.vit.dim
+        self.patch_size = self.vit.patch_size
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model_name,
+            "weights": self.weights,
+            "block": self.vit.block,
+            "facet": self.vit.facet,
+        }
+
+    def prepare(self, window: torch.Tensor) -> torch.Tensor:
+        if self.kind == "clip":
+            return resize(window, (CLIP_INPUT_SIZE, CLIP_INPUT_SIZE))
+        return floor_to_multiple(window, self.patch_size, DINO_MAX_SIDE)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit(images.to(self.vit.mean.device)).float()
+
+
+class ColourExtractor(FeatureExtractor):
+    """Plain colour features of ``patch``×``patch`` pixel patches, no model: ``(B, 6, H/p, W/p)``.
+
+    Channels 0-2: the patch mean of ``2·RGB − 1`` (centred, so that cosine similarity tells hues
+    apart instead of seeing every colour in the positive octant); channels 3-5: the per-channel
+    standard deviation within the patch (texture). Windows keep their size, rounded down to a
+    multiple of ``patch``.
+    """
+
+    name = "colour"
+
+    def __init__(self, patch: int = 8) -> None:
+        super().__init__()
+        self.patch_size = int(patch)
+        self.dim = 6
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "patch": self.patch_size}
+
+    def prepare(self, window: torch.Tensor) -> torch.Tensor:
+        return floor_to_multiple(window, self.patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.patch_size)
+        x = images.float()
+        mean = F.avg_pool2d(x, self.patch_size)
+        var = F.avg_pool2d(x * x, self.patch_size) - mean * mean
+        return torch.cat([2 * mean - 1, var.clamp(min=0).sqrt()], dim=1)
+
+
+def build_extractor(
+    name: str,
+    *,
+    sd: StableDiffusion | None = None,
+    vit_weights: str = "pretrained",
+    device: str | torch.device = "cpu",
+) -> FeatureExtractor:
+    """The extractor called ``name`` (see the module docstring), on ``device``.
+
+    ``sd`` (loaded with ``text_encoder=True``, for the empty prompt) is required for ``sd``;
+    ``vit_weights`` ("pretrained" | "random" | checkpoint path) applies to ``dino``/``clip``.
+    """
+    kind, _, variant = str(name).partition(":")
+    if kind == "sd" and not variant:
+        if sd is None:
+            raise ValueError("extractor 'sd' needs the loaded Stable Diffusion: pass sd=")
+        extractor: FeatureExtractor = SDQueryExtractor(sd)
+    elif kind in VIT_MODELS:
+        extractor = ViTKeyExtractor(kind, variant or None, vit_weights)
+    elif kind == "colour" and not variant:
+        extractor = ColourExtractor()
+    else:
+        raise ValueError(
+            f"unknown feature extractor {name!r}; expected 'sd', 'dino[:<vit>]', 'clip[:<vit>]' "
+            "or 'colour'"
+        )
+    return extractor.to(device)

@@ -1,0 +1,371 @@
+"""OVDiff inference: sliding windows, prototype scoring, ensembling and the final labels.
+
+Frames: the *original* image (the dataset file, ``(H, W)``) and the *working* frame, the original
+LANCZOS-resized to a short side of 448 (official ``predict.py``). Windows, score maps and PAMR live
+in the working frame; the scores are bilinearly upsampled to the output (label) size before the
+argmax. Channels are the label space's classes: the background channel (if the dataset has one)
+scores the background prototypes of the kept classes, every other channel its class's foreground
+prototypes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from sdzero.segmentation.filters import keep_background
+from sdzero.segmentation.pamr import pamr
+
+
+class Extractor(Protocol):
+    """The feature extractor interface of :mod:`sdzero.segmentation.features`."""
+
+    name: str
+
+    def prepare(self, windows: Tensor) -> Tensor: ...  # (B, 3, h, w) in [0, 1]
+
+    def __call__(self, images: Tensor) -> Tensor: ...  # -> (B, D, gh, gw)
+
+
+def resize_short_side(image: Tensor, short_side: int) -> Tensor:
+    """``(3, H, W)`` uint8 -> uint8 with the short side ``short_side`` (LANCZOS, as torchvision's
+    ``resize(pil, int)``: the long side becomes ``int(short_side * long / short)``)."""
+    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"image must be (3, H, W) uint8, got {tuple(image.shape)} {image.dtype}")
+    height, width = image.shape[1:]
+    if height <= width:
+        size = (int(short_side * width / height), short_side)
+    else:
+        size = (short_side, int(short_side * height / width))
+    pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    out = np.asarray(pil.resize(size, Image.Resampling.LANCZOS))
+    return torch.from_numpy(out.copy()).permute(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A crop ``[x1, x2) x [y1, y2)`` in working-frame pixels."""
+
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return self.y2 - self.y1, self.x2 - self.x1
+
+
+def sliding_windows(height: int, width: int, sizes: Sequence[int], stride: int) -> list[Window]:
+    """The official window grid, then the full image.
+
+    For each size ``s``: ``ceil(max(H - s, 0) / stride) + 1`` rows (and columns likewise) starting
+    at multiples of ``stride``; the last one is shifted back to end flush with the image border
+    (mmseg's ``slide_inference``). A side shorter than ``s`` gives crops as long as that side.
+    """
+    if stride < 1 or any(s < 1 for s in sizes):
+        raise ValueError(f"window sizes and stride must be >= 1, got {list(sizes)}, {stride}")
+    windows = []
+    for s in sizes:
+        rows = (max(height - s, 0) + stride - 1) // stride + 1
+        cols = (max(width - s, 0) + stride - 1) // stride + 1
+        for r in range(rows):
+            for c in range(cols):
+                y2, x2 = min(r * stride + s, height), min(c * stride + s, width)
+                windows.append(Window(max(x2 - s, 0), max(y2 - s, 0), x2, y2))
+    return [*windows, Window(0, 0, width, height)]
+
+
+class ScoreAccumulator:
+    """Average of window score maps over every (extractor, window) pair covering each pixel."""
+
+    def __init__(self, channels: int, height: int, width: int, device: Any = "cpu") -> None:
+        self.total = torch.zeros(channels, height, width, device=device)
+        self.count = torch.zeros(1, height, width, device=device)
+
+    def add(self, window: Window, scores: Tensor) -> None:
+        """``scores`` ``(K, gh, gw)``: bilinearly resized to the window, clamped to [-1, 1]."""
+        resized = F.interpolate(scores[None].float(), size=window.size, mode="bilinear")[0]
+        self.total[:, window.y1 : window.y2, window.x1 : window.x2] += resized.clamp(-1, 1)
+        self.count[:, window.y1 : window.y2, window.x1 : window.x2] += 1
+
+    def mean(self) -> Tensor:
+        """``(K, H, W)``; pixels no window covered are 0."""
+        return self.total / self.count.clamp(min=1)
+
+
+@dataclass
+class PrototypeBank:
+    """One extractor's prototypes of every non-background class, L2-normalised and zero-padded.
+
+    ``classes[i]`` is the label index of row ``i``; ``fg`` ``(C, P, D)`` / ``fg_valid`` ``(C, P)``;
+    ``bg`` ``(C, Q, D)`` / ``bg_valid`` the background prototypes left by the stuff filter, with
+    ``bg_rows`` ``(C, Q)`` their row in the class's :class:`Prototypes` ``bg`` (-1 for padding).
+    """
+
+    extractor: str
+    classes: list[int]
+    fg: Tensor
+    fg_valid: Tensor
+    bg: Tensor
+    bg_valid: Tensor
+    bg_rows: Tensor
+
+    @classmethod
+    def build(
+        cls,
+        prototypes: Mapping[int, Any],
+        stuff: Collection[int] = (),
+        stuff_threshold: float = 0.85,
+    ) -> PrototypeBank:
+        """From ``{label index: Prototypes}`` of one extractor. Stuff classes' own background
+        prototypes are dropped; the others' go through :func:`keep_background` (``threshold <= 0``
+        switches that off, as the official ``--filter_bg_thres``)."""
+        if not prototypes:
+            raise ValueError("a prototype bank needs the prototypes of at least one class")
+        classes = sorted(prototypes)
+        names = {prototypes[c].extractor for c in classes}
+        dims = {int(prototypes[c].fg.shape[-1]) for c in classes}
+        if len(names) != 1 or len(dims) != 1:
+            raise ValueError(
+                f"one bank holds one extractor's prototypes, got {names} with dims {dims}"
+            )
+        stuff_fg = [prototypes[c].fg for c in classes if c in stuff]
+        stuff_fg = torch.cat(stuff_fg) if stuff_fg else torch.empty(0, dims.pop())
+        bg_rows = []
+        for c in classes:
+            bg = prototypes[c].bg
+            keep = torch.isfinite(bg).all(-1) & ~torch.tensor(c in stuff)
+            if stuff_threshold > 0:
+                keep &= keep_background(bg, stuff_fg, stuff_threshold)
+            bg_rows.append(torch.nonzero(keep).flatten())
+        fg, fg_valid = _pad([prototypes[c].fg for c in classes])
+        bg, bg_valid = _pad([prototypes[c].bg[r] for c, r in zip(classes, bg_rows, strict=True)])
+        rows = torch.full(bg_valid.shape, -1, dtype=torch.long)
+        for i, r in enumerate(bg_rows):
+            rows[i, : len(r)] = r
+        return cls(names.pop(), classes, fg, fg_valid, bg, bg_valid, rows)
+
+    def to(self, device: Any) -> PrototypeBank:
+        tensors = {k: getattr(self, k).to(device) for k in ("fg", "fg_valid", "bg", "bg_valid")}
+        return PrototypeBank(
+            self.extractor, self.classes, **tensors, bg_rows=self.bg_rows.to(device)
+        )
+
+    def score(self, features: Tensor, kept: Sequence[int]) -> BankScores:
+        """Best-prototype cosine similarities of L2-normalised ``features`` ``(B, D, gh, gw)``.
+
+        :param kept: label indices of the classes kept for this image (their FG channels and
+            their BG prototypes take part).
+        """
+        unknown = sorted(set(kept) - set(self.classes))
+        if unknown:
+            raise ValueError(f"classes {unknown} have no {self.extractor!r} prototypes in the bank")
+        rows = torch.tensor([self.classes.index(c) for c in kept], dtype=torch.long)
+        rows = rows.to(self.fg.device)
+        fg_val, fg_arg = _best(features, self.fg[rows], self.fg_valid[rows])
+        # The background channel is one group: every kept class's background prototypes.
+        bg, valid = self.bg[rows].flatten(0, 1)[None], self.bg_valid[rows].flatten()[None]
+        bg_val, flat = _best(features, bg, valid)
+        flat = flat[:, 0].clamp(min=0)
+        owner_of = torch.as_tensor(list(kept), dtype=torch.long, device=flat.device)
+        owner_of = owner_of.repeat_interleave(self.bg.shape[1])
+        proto_of = self.bg_rows[rows].flatten()
+        if not len(proto_of):  # no kept class: nothing owns the (constant -1) background
+            owner_of = proto_of = torch.full((1,), -1, dtype=torch.long, device=flat.device)
+        return BankScores(fg_val, fg_arg, bg_val[:, 0], owner_of[flat], proto_of[flat])
+
+
+@dataclass
+class BankScores:
+    """Per window: FG ``(B, k, gh, gw)`` best similarity and best prototype row of each kept class;
+    background ``(B, gh, gw)`` best similarity, its owner class (label index) and row in its ``bg``."""
+
+    fg: Tensor
+    fg_arg: Tensor
+    bg: Tensor
+    bg_owner: Tensor
+    bg_arg: Tensor
+
+
+def _pad(rows: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """L2-normalised ``(C, P, D)`` zero-padded stack and its validity mask ``(C, P)``."""
+    size = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), size, rows[0].shape[-1])
+    valid = torch.zeros(len(rows), size, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = F.normalize(r.float(), dim=-1, eps=1e-6)
+        valid[i, : len(r)] = True
+    return out, valid
+
+
+def _best(features: Tensor, protos: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Max and argmax over each group's valid prototypes ``(G, P, D)`` of the features
+    ``(B, D, gh, gw)``: ``(B, G, gh, gw)`` each; -1 (value and index) for a group with none."""
+    batch, _, height, width = features.shape
+    shape = (batch, protos.shape[0], height, width)
+    if protos.shape[1] == 0:
+        return features.new_full(shape, -1.0), torch.full(shape, -1, device=features.device)
+    sim = torch.einsum("bdhw,gpd->bgphw", features, protos)
+    best = sim.masked_fill(~valid[None, :, :, None, None], -1.0).max(dim=2)
+    arg = torch.where(valid.any(1)[None, :, None, None], best.indices, -1)
+    return best.values, arg
+
+
+def labels_from_scores(scores: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(K, h, w)`` working-frame scores -> ``(H, W)`` int64 labels at ``size`` ``(H, W)``.
+
+    Scores are bilinearly upsampled, those <= 0 zeroed, and the argmax taken: where nothing is
+    positive the lowest index wins: the background (index 0) on the official datasets; without a
+    background channel, as the official ``reduce_zero_label`` path, the first class.
+    """
+    up = F.interpolate(scores[None].float(), size=tuple(size), mode="bilinear")[0]
+    return torch.where(up > 0, up, torch.zeros_like(up)).argmax(dim=0)
+
+
+@dataclass
+class PairScores:
+    """One (extractor, window) pair's channel maps at feature resolution, kept for explanations:
+    ``values`` ``(K, gh, gw)``; ``owner`` the label index of the class whose prototype won and
+    ``prototype`` its row in that class's ``fg`` (``bg`` on the background channel), -1 for none."""
+
+    window: Window
+    extractor: int
+    values: Tensor
+    owner: Tensor
+    prototype: Tensor
+
+
+@dataclass
+class Segmentation:
+    """``labels`` ``(H, W)`` int64 at the output size; ``scores`` ``(K, h, w)`` in the working frame;
+    ``kept`` the label indices the class filter kept; ``image_size`` the original ``(H, W)``."""
+
+    labels: Tensor
+    scores: Tensor
+    kept: list[int]
+    image_size: tuple[int, int]
+    background_index: int | None
+    extractors: list[str]
+    pairs: list[PairScores] = field(default_factory=list)
+
+
+class Segmenter:
+    """OVDiff's sliding-window prototype segmentation of one image.
+
+    :param extractors: feature extractors; ``banks[i]`` holds ``extractors[i]``'s prototypes of
+        every class but the background.
+    :param num_classes: K, the label space's size; ``background_index`` its background class.
+    :param class_filter: working-frame image ``(3, h, w)`` uint8 -> label indices to keep (None:
+        all); the others score -1 and their background prototypes leave the background channel.
+    :param max_batch: windows of one size go through an extractor in batches of at most this many.
+    """
+
+    def __init__(
+        self,
+        extractors: Sequence[Extractor],
+        banks: Sequence[PrototypeBank],
+        num_classes: int,
+        background_index: int | None = 0,
+        *,
+        window_sizes: Sequence[int] = (448, 336),
+        stride: int = 224,
+        short_side: int = 448,
+        use_pamr: bool = False,
+        class_filter: Callable[[Tensor], Collection[int]] | None = None,
+        max_batch: int = 8,
+        device: Any = "cpu",
+    ) -> None:
+        if not extractors or len(extractors) != len(banks):
+            raise ValueError(f"need one bank per extractor, got {len(extractors)} and {len(banks)}")
+        for extractor, bank in zip(extractors, banks, strict=True):
+            if extractor.name != bank.extractor:
+                raise ValueError(f"extractor {extractor.name!r} got {bank.extractor!r} prototypes")
+        expected = [c for c in range(num_classes) if c != background_index]
+        for bank in banks:
+            if bank.classes != expected:
+                raise ValueError(
+                    f"{bank.extractor!r} prototypes cover classes {bank.classes}, expected {expected}"
+                )
+        if background_index is not None and not 0 <= background_index < num_classes:
+            raise ValueError(f"background_index {background_index} outside [0, {num_classes})")
+        if short_side < 1 or max_batch < 1:
+            raise ValueError(
+                f"short_side and max_batch must be >= 1, got {short_side}, {max_batch}"
+            )
+        self.extractors = list(extractors)
+        self.banks = [b.to(device) for b in banks]
+        self.num_classes = num_classes
+        self.background_index = background_index
+        self.window_sizes = list(window_sizes)
+        self.stride = stride
+        self.short_side = short_side
+        self.use_pamr = use_pamr
+        self.class_filter = class_filter
+        self.max_batch = max_batch
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(
+        self, image: Tensor, out_size: tuple[int, int] | None = None, explain: bool = False
+    ) -> Segmentation:
+        """Segment ``image`` ``(3, H, W)`` uint8; labels at ``out_size`` ``(H, W)`` (default: the
+        image's); ``explain`` keeps each pair's maps for :meth:`Segmentation.winner_at`."""
+        work = resize_short_side(image, self.short_side)
+        kept = sorted(self.class_filter(work)) if self.class_filter else list(self.banks[0].classes)
+        height, width = work.shape[1:]
+        pixels = work.to(self.device).float() / 255
+        groups: dict[tuple[int, int], list[Window]] = {}
+        for window in sliding_windows(height, width, self.window_sizes, self.stride):
+            groups.setdefault(window.size, []).append(window)
+        acc = ScoreAccumulator(self.num_classes, height, width, self.device)
+        pairs = []
+        for index, (extractor, bank) in enumerate(zip(self.extractors, self.banks, strict=True)):
+            for windows in groups.values():
+                for start in range(0, len(windows), self.max_batch):
+                    chunk = windows[start : start + self.max_batch]
+                    crops = torch.stack([pixels[:, w.y1 : w.y2, w.x1 : w.x2] for w in chunk])
+                    features = extractor(extractor.prepare(crops)).float()
+                    features = F.normalize(features, dim=1, eps=1e-6)
+                    values, owner, proto = self._channels(bank.score(features, kept), kept)
+                    for b, window in enumerate(chunk):
+                        acc.add(window, values[b])
+                        if explain:
+                            pairs.append(PairScores(window, index, values[b], owner[b], proto[b]))
+        scores = acc.mean()
+        if self.use_pamr:
+            scores = pamr(work.to(self.device).float()[None], scores[None])[0]
+        size = tuple(out_size) if out_size is not None else tuple(image.shape[1:])
+        return Segmentation(
+            labels_from_scores(scores, size).cpu(),
+            scores,
+            kept,
+            tuple(image.shape[1:]),
+            self.background_index,
+            [e.name for e in self.extractors],
+            pairs,
+        )
+
+    def _channels(self, s: BankScores, kept: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """Label-space maps ``(B, K, gh, gw)``: values (-1 for classes not kept), owner, prototype."""
+        batch, height, width = s.bg.shape
+        shape = (batch, self.num_classes, height, width)
+        values = s.bg.new_full(shape, -1.0)
+        owner = torch.arange(self.num_classes, device=s.bg.device)[None, :, None, None].expand(
+            shape
+        )
+        owner = owner.clone()
+        proto = torch.full(shape, -1, dtype=torch.long, device=s.bg.device)
+        values[:, kept], proto[:, kept] = s.fg, s.fg_arg
+        if self.background_index is not None:
+            b = self.background_index
+            values[:, b], owner[:, b], proto[:, b] = s.bg, s.bg_owner, s.bg_arg
+        return values, owner, proto

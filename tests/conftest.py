@@ -1,0 +1,19 @@
+"""Test defaults: CPU only, offline, no W&B, deterministic threads."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("SDZERO_RUN_DIR", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _no_run_dir_leak(monkeypatch):
+    """`sdzero eval` exports the run folder for DDP ranks; tests must not inherit each other's."""
+    monkeypatch.delenv("SDZERO_RUN_DIR", raising=False)
