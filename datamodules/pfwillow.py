@@ -106,7 +106,7 @@ class PFWillowDataset(KeypointPairDataset):
             raise DatasetFormatError(f"{where}: coordinates must be numbers ({err})") from err
         src = coords[: 2 * NUM_KPS].reshape(2, NUM_KPS).T
         trg = coords[2 * NUM_KPS :].reshape(2, NUM_KPS).T
-        valid = (np.isfinite(src) & (src >= -5)).all(1) & (np.isfinite(trg) & (trg >= 0)).all(1)
+        valid = (np.isfinite(src) & (src >= 0)).all(1) & (np.isfinite(trg) & (trg >= 0)).all(1)
         if not valid.any():
             return None
         src_rel, trg_rel = Path(row[0].strip()), Path(row[1].strip())

@@ -14,6 +14,7 @@ to those of a full pass because nothing after that point feeds them.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -90,11 +91,13 @@ class Captured:
     ``probs[path]``: ``(B, heads_read, H*W, tokens)`` attention probabilities (rows sum to 1 over tokens).
     ``queries[path]``: ``(B, H*W, C)`` attention queries (the ``to_q`` output, heads concatenated).
     ``hw[path]``: ``(h, w)`` of the layer's spatial grid, row-major (index = y * w + x).
+    ``output``: the UNet's noise prediction when the pass was not truncated.
     """
 
     probs: dict[str, torch.Tensor] = field(default_factory=dict)
     queries: dict[str, torch.Tensor] = field(default_factory=dict)
     hw: dict[str, tuple[int, int]] = field(default_factory=dict)
+    output: torch.Tensor | None = None
 
 
 class _CaptureProcessor:
@@ -238,6 +241,10 @@ class AttentionCapture:
             getattr(self._current, kind)[path] = tensor
 
     def _record_hw(self, path: str, n_query: int) -> None:
+        if self._latent_hw is None:  # the UNet was called directly (e.g. by a pipeline): square
+            side = math.isqrt(n_query)
+            self._current.hw[path] = (side, side)
+            return
         lh, lw = self._latent_hw
         factor = round((lh * lw / n_query) ** 0.5)
         hw = (-(-lh // factor), -(-lw // factor))  # strided convs round up odd sizes
@@ -261,8 +268,14 @@ class AttentionCapture:
             )
         self._current = Captured()
         self._latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        with contextlib.suppress(_StopForward):
-            self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)
+        try:
+            with contextlib.suppress(_StopForward):
+                out = self.unet(
+                    sample, timestep, encoder_hidden_states=encoder_hidden_states, **unet_kwargs
+                )
+                self._current.output = out.sample
+        finally:
+            self._latent_hw = None
         captured, self._current = self._current, Captured()
         return captured
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -16,10 +18,10 @@ class CLIPClassifier(nn.Module):
 
     ``encode_text(prompts)`` -> (P, D); ``encode_image(images)`` with (B, 3, H, W) float in [0, 1]
     -> (B, D): stretched to the model's input size (224 px for ViT-B/16; bicubic, antialiased)
-    and normalised with CLIP's own mean/std. Text goes through open_clip's own tokenizer.
+    and normalised with CLIP's own mean/std. Text goes through ``tokenizer`` (open_clip's own: prompts -> (P, 77) token ids).
     """
 
-    def __init__(self, model: CLIP, tokenizer: open_clip.tokenizer.SimpleTokenizer) -> None:
+    def __init__(self, model: CLIP, tokenizer: Callable[[list[str]], Tensor]) -> None:
         super().__init__()
         if not isinstance(model, CLIP):
             raise TypeError(f"expected an open_clip CLIP model, got {type(model).__name__}")
@@ -32,11 +34,7 @@ class CLIPClassifier(nn.Module):
 
     def encode_text(self, prompts: list[str]) -> Tensor:
         """Prompts -> (P, D) unit-norm text embeddings."""
-        if (
-            isinstance(prompts, str)
-            or not prompts
-            or not all(isinstance(p, str) for p in prompts)
-        ):
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"expected a non-empty list of prompt strings, got {prompts!r}")
         tokens = self.tokenizer(list(prompts)).to(self.mean.device)
         return self.model.encode_text(tokens, normalize=True)

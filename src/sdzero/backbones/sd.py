@@ -422,6 +422,7 @@ def _not_found_message(repo_id: str, offline: bool, cause: Exception) -> str:
         f"  or run  hf download {repo_id} --local-dir /path/to/folder  and set "
         "backbone.weights=/path/to/folder.\n"
         "  (Gated repos need `hf auth login` and the licence accepted on huggingface.co.)\n"
+        f"  No local folder {Path(repo_id).resolve()} exists either.\n"
         f"  Underlying error: {type(cause).__name__}: {cause}"
     )
 
@@ -473,7 +474,14 @@ def _single_file_parts(path: Path, spec: Architecture, text_encoder: bool) -> di
             f"single-file checkpoint {path} has suffix {path.suffix!r}; expected one of "
             f"{list(SINGLE_FILE_SUFFIXES)}"
         )
-    checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+    try:
+        checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+    except OSError as err:
+        raise ValueError(
+            f"could not read the single-file checkpoint {path}: {err} (.ckpt files are read with "
+            "torch.load(weights_only=True), which refuses pickled training objects; a .safetensors "
+            "file, a diffusers folder or a hub id avoids that)"
+        ) from err
     to_k = checkpoint.get(_LDM_CROSS_ATTN_KEY)
     if to_k is None or not any(k.startswith(_LDM_VAE_PREFIXES) for k in checkpoint):
         raise ValueError(

@@ -88,8 +88,20 @@ VIT_MODELS: dict[str, ViTSpec] = {
         -2,
         {
             "embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 3, "head_width": 16},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+            "vision_cfg": {
+                "image_size": 32,
+                "patch_size": 16,
+                "width": 32,
+                "layers": 3,
+                "head_width": 16,
+            },
+            "text_cfg": {
+                "context_length": 77,
+                "vocab_size": 49408,
+                "width": 32,
+                "heads": 2,
+                "layers": 2,
+            },
         },
     ),
 }
@@ -107,7 +119,9 @@ def load_backbone_model(name: str, weights: str = "pretrained") -> nn.Module:
     open_clip ``CLIP`` model (both towers).
 
     ``weights``: "pretrained" (the usual hub weights, from the local cache when offline),
-    "random" (loud warning: features are meaningless) or a path to a local checkpoint file.
+    "random" (loud warning: features are meaningless) or a path to a local checkpoint file
+    (a timm state dict for DINO, an open_clip state dict for CLIP). Raises
+    ``WeightsUnavailableError`` when the weights cannot be loaded.
     """
     spec = get_vit_spec(name)
     if weights == "random":
@@ -139,7 +153,8 @@ def load_backbone_model(name: str, weights: str = "pretrained") -> nn.Module:
                 f"pretrained weights of {name!r} ({spec.arch}) could not be loaded: "
                 f"{type(err).__name__}: {err}\nOn a machine with network run\n    {spec.download}\n"
                 "and copy the Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME/hub) to "
-                "this machine, or pass weights=/path/to/checkpoint."
+                "this machine, or pass weights=/path/to/checkpoint. (HF_HUB_OFFLINE=1 skips the "
+                "network retries on machines without network.)"
             ) from err
         raise WeightsUnavailableError(
             f"checkpoint {str(source)!r} could not be loaded into backbone {name!r} "
@@ -313,10 +328,17 @@ class ViTFeatureExtractor(nn.Module):
             cls_token, pos_embed, pre_norm = model.cls_token, model.pos_embed[0], model.norm_pre
         else:
             patches = model.conv1(images).permute(0, 2, 3, 1)
-            cls_token, pos_embed, pre_norm = model.class_embedding, model.positional_embedding, model.ln_pre
+            cls_token, pos_embed, pre_norm = (
+                model.class_embedding,
+                model.positional_embedding,
+                model.ln_pre,
+            )
         batch, height, width, dim = patches.shape
         tokens = torch.cat(
-            [cls_token.reshape(1, 1, dim).expand(batch, 1, dim).to(patches.dtype), patches.flatten(1, 2)],
+            [
+                cls_token.reshape(1, 1, dim).expand(batch, 1, dim).to(patches.dtype),
+                patches.flatten(1, 2),
+            ],
             dim=1,
         )
         tokens = tokens + interpolate_pos_embed(pos_embed, (height, width)).to(patches.dtype)

@@ -148,8 +148,8 @@ def _fit(image: Image.Image) -> Image.Image:
 
 
 def render_explanation(image: Tensor, explanation: Explanation, path: str | Path) -> None:
-    """PNG: the test image ``(3, H, W)`` uint8 with the pixel marked | the support image with the
-    prototype's region tinted red, and a caption naming the label, class and prototype kind."""
+    """PNG: the test image ``(3, H, W)`` uint8 with the pixel marked | the support image, dimmed
+    outside the prototype's region, and a caption naming the label, class and prototype kind."""
     test = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     scale = PANEL_HEIGHT / test.height
     test = _fit(test)
@@ -166,7 +166,7 @@ def render_explanation(image: Tensor, explanation: Explanation, path: str | Path
         if explanation.region is not None:
             region = Image.fromarray(explanation.region.cpu().numpy().astype(np.uint8) * 255)
             mask = np.asarray(region.resize(support.shape[1::-1], Image.Resampling.NEAREST)) > 0
-            support[mask] = 0.5 * support[mask] + 0.5 * np.array([255.0, 0.0, 0.0])
+            support[~mask] *= 0.3  # dim what the prototype does not stand for
         right = _fit(Image.fromarray(support.astype(np.uint8)))
     else:
         right = Image.new("RGB", (PANEL_HEIGHT, PANEL_HEIGHT), (90, 90, 90))

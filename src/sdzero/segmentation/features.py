@@ -66,6 +66,11 @@ class FeatureExtractor(nn.Module):
     def settings(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    @property
+    def device(self) -> torch.device:
+        """Where inputs should be: that of the first buffer (CPU for model-free extractors)."""
+        return next(iter(self.buffers()), torch.empty(0)).device
+
     def prepare(self, window: torch.Tensor) -> torch.Tensor:
         """Test-time window ``(B, 3, h, w)`` in [0, 1] -> the input size this extractor uses."""
         raise NotImplementedError
@@ -74,8 +79,8 @@ class FeatureExtractor(nn.Module):
 class SDQueryExtractor(FeatureExtractor):
     """OVDiff's SD features: queries of cross-attention layers ``layers`` (indices among the 16).
 
-    The VAE latent is *sampled*, DDPM-noised to ``timestep`` with Gaussian noise (both from a CPU
-    generator seeded ``seed`` at every call), and one UNet pass with the empty-prompt embedding
+    The VAE latent is *sampled*, DDPM-noised to ``timestep`` with Gaussian noise (both drawn from a
+    CPU generator seeded ``seed``, one per image), and one UNet pass with the empty-prompt embedding
     runs up to the last read layer. Each layer's queries ``(B, h*w, C)`` are bilinearly upsampled
     to the largest grid (64² for 512² input) and concatenated in layer order, unnormalised:
     ``(B, sum C, H/8, W/8)`` (7680-d for SD 1.5). Windows are resized to ``input_size``² first.
@@ -121,12 +126,16 @@ class SDQueryExtractor(FeatureExtractor):
     def forward(self, images: torch.Tensor, *, truncate: bool = True) -> torch.Tensor:
         """``(B, 3, H, W)`` [0, 1] -> ``(B, dim, H/8, W/8)`` float32 (``truncate`` only for tests)."""
         validate_images(images)
-        generator = torch.Generator().manual_seed(self.seed)
-        latents = self.sd.encode_images(images, sample=True, generator=generator)
-        noisy = self.sd.add_noise(latents, self.timestep, "gaussian", generator=generator)
+        # One generator per image: an image's features do not depend on the rest of its batch.
+        generators = [torch.Generator().manual_seed(self.seed) for _ in range(images.shape[0])]
+        latents = self.sd.encode_images(images, sample=True, generator=generators)
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+        noisy = self.sd.add_noise(latents, self.timestep, noise)
         context = self.empty_prompt.to(noisy.dtype).expand(noisy.shape[0], -1, -1)
         unet = self.sd.unet
-        with AttentionCapture(unet, self.layers, probs=False, queries=True, truncate=truncate) as cap:
+        with AttentionCapture(
+            unet, self.layers, probs=False, queries=True, truncate=truncate
+        ) as cap:
             got = cap(noisy, torch.tensor(self.timestep, device=noisy.device), context)
         target = max((got.hw[p] for p in self.layers), key=lambda hw: hw[0] * hw[1])
         maps = []
@@ -148,7 +157,9 @@ class ViTKeyExtractor(FeatureExtractor):
     def __init__(self, kind: str, model: str | None = None, weights: str = "pretrained") -> None:
         super().__init__()
         if kind not in VIT_MODELS:
-            raise ValueError(f"ViT extractor kind must be one of {sorted(VIT_MODELS)}, got {kind!r}")
+            raise ValueError(
+                f"ViT extractor kind must be one of {sorted(VIT_MODELS)}, got {kind!r}"
+            )
         self.kind = kind
         self.model_name = model or VIT_MODELS[kind]
         self.weights = weights

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,18 +20,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from sdzero.segmentation.features import FeatureExtractor
 from sdzero.segmentation.filters import keep_background
 from sdzero.segmentation.pamr import pamr
-
-
-class Extractor(Protocol):
-    """The feature extractor interface of :mod:`sdzero.segmentation.features`."""
-
-    name: str
-
-    def prepare(self, windows: Tensor) -> Tensor: ...  # (B, 3, h, w) in [0, 1]
-
-    def __call__(self, images: Tensor) -> Tensor: ...  # -> (B, D, gh, gw)
 
 
 def resize_short_side(image: Tensor, short_side: int) -> Tensor:
@@ -271,7 +262,7 @@ class Segmenter:
 
     def __init__(
         self,
-        extractors: Sequence[Extractor],
+        extractors: Sequence[FeatureExtractor],
         banks: Sequence[PrototypeBank],
         num_classes: int,
         background_index: int | None = 0,

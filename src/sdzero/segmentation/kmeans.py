@@ -95,11 +95,16 @@ def _lloyd(
         shift = float(((new_centres - centres) ** 2).sum())
         centres = new_centres
         if shift <= tol:
-            labels, dist = _assign(x, x_sq, centres, chunk_size)
+            labels, _ = _assign(x, x_sq, centres, chunk_size)
             break
     else:
-        labels, dist = _assign(x, x_sq, centres, chunk_size)
-    return KMeansResult(centres, labels, float(dist.double().sum()), n_iter)
+        labels, _ = _assign(x, x_sq, centres, chunk_size)
+    # Summed directly rather than from the expanded distances, which lose digits to cancellation.
+    inertia = sum(
+        float(((x[s : s + chunk_size] - centres[labels[s : s + chunk_size]]) ** 2).double().sum())
+        for s in range(0, x.shape[0], chunk_size)
+    )
+    return KMeansResult(centres, labels, inertia, n_iter)
 
 
 def kmeans(

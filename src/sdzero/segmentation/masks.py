@@ -61,7 +61,9 @@ def available_mask_proposers() -> list[str]:
 def build_mask_proposer(kind: str, **options: Any) -> MaskProposer:
     """The proposer registered as ``kind``, built once (load models here, not per image)."""
     if kind not in _REGISTRY:
-        raise ValueError(f"unknown mask proposer {kind!r}; expected one of {available_mask_proposers()}")
+        raise ValueError(
+            f"unknown mask proposer {kind!r}; expected one of {available_mask_proposers()}"
+        )
     return _REGISTRY[kind](**options)
 
 
