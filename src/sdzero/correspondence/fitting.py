@@ -59,6 +59,7 @@ class FitConfig:
     image_size: int = 512
     token: int = 1
     batch_size: int = 0  # items per UNet call; 0 = all (query points × embeddings) of a pair
+    truncate: bool = True  # stop the UNet after the last read layer (exact: same maps, same grads)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.num_embeddings < 1 or self.inference_crops < 1:
@@ -133,7 +134,9 @@ class PromptCorrespondence:
         """
         out = out_size or self.size
         noisy = self.sd.add_noise(latents, timestep, noise)
-        with AttentionCapture(self.sd.unet, self.cfg.layers, heads=self.cfg.heads) as cap:
+        with AttentionCapture(
+            self.sd.unet, self.cfg.layers, heads=self.cfg.heads, truncate=self.cfg.truncate
+        ) as cap:
             got = cap(noisy, timestep, cond.to(noisy.dtype))
         maps = []
         for layer in cap.layers:

@@ -45,6 +45,7 @@ class PromptCorrespondenceModule(EvaluationModule):
         image_size: int = 512,
         token: int = 1,
         batch_size: int = 0,
+        truncate: bool = True,
         resize: str = "stretch",
         pck_threshold: str = "bbox-target",
         pck_frame: str = "original",
@@ -71,6 +72,7 @@ class PromptCorrespondenceModule(EvaluationModule):
             image_size=image_size,
             token=token,
             batch_size=batch_size,
+            truncate=truncate,
         )
         if pck_frame not in PCK_FRAMES:
             raise ValueError(f"method.pck_frame must be one of {PCK_FRAMES}, got {pck_frame!r}")

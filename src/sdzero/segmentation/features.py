@@ -46,7 +46,9 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.clamp_(0, 1)
 
 
-def floor_to_multiple(images: torch.Tensor, multiple: int, max_side: int | None = None):
+def floor_to_multiple(
+    images: torch.Tensor, multiple: int, max_side: int | None = None
+) -> torch.Tensor:
     """Resize so each side is a multiple of ``multiple`` (rounded down, at least one multiple),
     after scaling down to ``max_side`` on the long side (aspect kept) when it is exceeded."""
     h, w = images.shape[-2:]
@@ -124,7 +126,7 @@ class SDQueryExtractor(FeatureExtractor):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, *, truncate: bool = True) -> torch.Tensor:
-        """``(B, 3, H, W)`` [0, 1] -> ``(B, dim, H/8, W/8)`` float32 (``truncate`` only for tests)."""
+        """``(B, 3, H, W)`` [0, 1] -> ``(B, dim, H/8, W/8)`` float32 (``truncate=False``: tests)."""
         validate_images(images)
         # One generator per image: an image's features do not depend on the rest of its batch.
         generators = [torch.Generator().manual_seed(self.seed) for _ in range(images.shape[0])]

@@ -1,8 +1,8 @@
 """k-means in torch: greedy k-means++ seeding and Lloyd iterations, on CPU or CUDA.
 
-Mirrors scikit-learn's ``KMeans(init="k-means++", algorithm="lloyd")`` — the OVDiff prototypes use
-``KMeans(n_clusters=32, random_state=0, n_init="auto")`` — but draws its random numbers from a seeded
-CPU ``torch.Generator``, so centres are reproducible across devices yet not bit-equal to sklearn's.
+Mirrors scikit-learn's ``KMeans(init="k-means++", algorithm="lloyd")`` (the OVDiff prototypes
+use ``KMeans(n_clusters=32, random_state=0, n_init="auto")``) but draws its random numbers from a
+seeded CPU ``torch.Generator``: centres are reproducible across devices, not bit-equal to sklearn's.
 Distances are computed in row chunks so memory stays ``O(chunk_size * K)`` beyond the data itself
 (OVDiff clusters up to ~131k 7680-d SD vectors per class).
 """
@@ -18,7 +18,8 @@ import torch
 @dataclass
 class KMeansResult:
     """``centres`` ``(K, D)`` float32, ``labels`` ``(N,)`` int64 (index of the nearest centre),
-    ``inertia``: sum of squared distances of the points to their centres, ``n_iter`` of the kept run."""
+    ``inertia``: sum of squared distances of the points to their centres; ``n_iter`` of the kept
+    run."""
 
     centres: torch.Tensor
     labels: torch.Tensor
@@ -117,12 +118,12 @@ def kmeans(
     seed: int = 0,
     chunk_size: int = 16384,
 ) -> KMeansResult:
-    """Cluster the rows of ``x`` ``(N, D)`` into ``k`` clusters; keep the run with the lowest inertia.
+    """Cluster the rows of ``x`` ``(N, D)`` into ``k`` clusters; keep the lowest-inertia run.
 
     :param n_init: number of k-means++ seedings; ``"auto"`` means 1, as sklearn for k-means++.
     :param tol: sklearn's relative tolerance: stop when the total squared centre shift is at most
         ``tol`` times the mean per-feature variance of ``x``.
-    :param seed: seeds the CPU generator that drives every random choice (sklearn's ``random_state``).
+    :param seed: seeds the CPU generator behind every random choice (sklearn's ``random_state``).
     :raises ValueError: ``x`` not 2-D, empty or non-finite; ``k < 1`` or ``k > N``.
 
     Computation runs on ``x.device`` in float32 on data centred by its mean (as sklearn, for precise

@@ -70,12 +70,12 @@ def build_mask_proposer(kind: str, **options: Any) -> MaskProposer:
 def propose_masks(
     kind: str, image: torch.Tensor, attribution: torch.Tensor | None, **options: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fg, bg)`` boolean ``(H, W)`` masks of ``image`` ``(3, H, W)`` with the ``kind`` proposer."""
+    """``(fg, bg)`` bool ``(H, W)`` masks of ``image`` ``(3, H, W)`` by the ``kind`` proposer."""
     return build_mask_proposer(kind, **options)(image, attribution)
 
 
 def check_support_image(image: torch.Tensor, attribution: torch.Tensor | None) -> None:
-    """Raise ``ValueError`` unless ``image`` is float ``(3, H, W)`` and ``attribution`` ``(H, W)``."""
+    """Raise ``ValueError`` unless ``image`` is ``(3, H, W)`` and ``attribution`` ``(H, W)``."""
     if not (isinstance(image, torch.Tensor) and image.ndim == 3 and image.shape[0] == 3):
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"support image must be a (3, H, W) tensor in [0, 1], got {got}")
@@ -110,7 +110,8 @@ def _attention() -> MaskProposer:
 
 
 def border_saliency(image: torch.Tensor) -> torch.Tensor:
-    """``(H, W)`` in [0, 1]: RGB distance to the median colour of the 1-pixel border, min-max scaled."""
+    """``(H, W)`` in [0, 1]: RGB distance to the median colour of the 1-pixel image border,
+    min-max scaled."""
     border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
     dist = (image - border.median(dim=1).values[:, None, None]).norm(dim=0)
     return (dist - dist.min()) / (dist.max() - dist.min()).clamp(min=1e-12)

@@ -87,7 +87,7 @@ class OVDiffModule(EvaluationModule):
             )
         positive = {"num_support": num_support, "sampling_steps": sampling_steps}
         positive |= {"kmeans_k": kmeans_k, "stride": stride, "short_side": short_side}
-        if min(positive.values()) < 1 or not window_sizes or min(window_sizes) < 1:
+        if min(positive.values()) < 1 or min(window_sizes, default=1) < 1:
             raise ValueError(
                 f"method: {positive} and window_sizes {list(window_sizes)} must be >= 1"
             )

@@ -159,7 +159,7 @@ def prototypes_from_features(
     kmeans_k: int = 32,
     kmeans_seed: int = 0,
 ) -> Prototypes:
-    """Prototypes from support features ``(N, D, gh, gw)`` and masks ``(N, H, W)`` bool (image frame).
+    """Prototypes from support features ``(N, D, gh, gw)`` and bool masks ``(N, H, W)`` (pixels).
 
     Rows are ordered class mean, per-image means (image order), k-means centres. ``support``: one
     name (file path) per image, default ``"support #i"``. ``ValueError`` if no image has

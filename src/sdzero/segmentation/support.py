@@ -89,7 +89,8 @@ class AttributionAccumulator:
 
     Each capture ``(B_cfg, heads, h*w, 77)`` contributes its conditional half (the second half
     when ``cfg``), the ``tokens`` columns, bicubically resized to ``grid``, clamped at 0 and
-    averaged over heads. :meth:`maps` returns the mean over captures, then over tokens: ``(B, *grid)``.
+    averaged over heads. :meth:`maps` returns the mean over captures, then over tokens:
+    ``(B, *grid)``.
     """
 
     def __init__(self, tokens: list[int], grid: tuple[int, int], cfg: bool) -> None:
@@ -134,7 +135,8 @@ def sample_support_set(
     """Sample ``num_support`` images of ``name`` with their attribution maps (``paths`` empty).
 
     ``sd`` needs its text encoder. Images are ``(N, 3, size, size)``; attribution is computed on
-    the latent grid (64² at 512 px, OVDiff's fixed 64²) and normalised by :func:`normalise_attribution`.
+    the latent grid (64² at 512 px, OVDiff's fixed 64²) and normalised by
+    :func:`normalise_attribution`.
     """
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -163,29 +165,23 @@ def sample_support_set(
     pipe.set_progress_bar_config(disable=True)
     grid = (size // pipe.vae_scale_factor,) * 2
     generator = torch.Generator().manual_seed(seed)
+    layers = cross_attention_layers(sd.unet)
     images, maps = [], []
     for start in range(0, num_support, batch_size):
         n = min(batch_size, num_support - start)
         acc = AttributionAccumulator(tokens, grid, cfg=guidance_scale > 1)
-        layers = cross_attention_layers(sd.unet)
-        with AttentionCapture(sd.unet, layers, truncate=False, callback=acc) as cap:
-            # The pipeline calls the UNet itself; tell the capture the latent size it runs at.
-            hook = sd.unet.register_forward_pre_hook(
-                lambda _module, args: setattr(cap, "_latent_hw", tuple(args[0].shape[-2:]))
+        # The pipeline runs the UNet itself; the capture's callback sees every layer and step.
+        with AttentionCapture(sd.unet, layers, truncate=False, callback=acc):
+            out = pipe(
+                prompt=[prompt_template.format(name)] * n,
+                negative_prompt=[negative_prompt] * n,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                output_type="pt",
             )
-            try:
-                out = pipe(
-                    prompt=[prompt_template.format(name)] * n,
-                    negative_prompt=[negative_prompt] * n,
-                    height=size,
-                    width=size,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    generator=generator,
-                    output_type="pt",
-                )
-            finally:
-                hook.remove()
         images.append(out.images.float().cpu())
         maps.append(acc.maps().cpu())
     attribution = normalise_attribution(torch.cat(maps), (size, size))

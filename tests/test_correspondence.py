@@ -1,0 +1,221 @@
+"""The prompt-optimisation correspondence method on the tiny random-weight backbone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdzero.backbones.attention import cross_attention_layers
+from sdzero.backbones.sd import load_stable_diffusion
+from sdzero.correspondence.crops import (
+    corner_crops,
+    crop_size,
+    cut_and_resize,
+    random_crop_around,
+    to_crop_frame,
+)
+from sdzero.correspondence.fitting import (
+    FitConfig,
+    PromptCorrespondence,
+    gaussian_targets,
+    item_generator,
+)
+from sdzero.correspondence.frames import ModelFrame
+
+S = 128
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return load_stable_diffusion(None, "tiny")
+
+
+def _image(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.rand(1, 3, 16, 16, generator=g), size=S, mode="bilinear")
+
+
+def _cfg(**kw):
+    base = dict(image_size=S, steps=3, num_embeddings=2, inference_crops=5, lr=0.05)
+    return FitConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------ geometry
+
+
+def test_crop_size_matches_the_official_477_px():
+    assert crop_size(512, 0.9317) == 477
+    with pytest.raises(ValueError, match="crop_fraction"):
+        crop_size(512, 1.5)
+
+
+def test_random_crops_keep_the_margin_and_stay_inside():
+    g = torch.Generator().manual_seed(0)
+    size, margin = 477, int(477 * 0.15)
+    for q in [(100.0, 300.0), (256.0, 256.0), (400.5, 120.25)]:
+        for _ in range(50):
+            x0, y0, s = random_crop_around(q, 512, size, 0.15, g)
+            assert s == size and 0 <= x0 <= 512 - size and 0 <= y0 <= 512 - size
+            assert x0 + margin <= q[0] <= x0 + size - margin
+            assert y0 + margin <= q[1] <= y0 + size - margin
+    # too close to the border for the 71 px margin: the nearest feasible crop
+    assert random_crop_around((3.0, 509.0), 512, size, 0.15, g)[:2] == (0, 35)
+
+
+def test_corner_crops_and_crop_frame():
+    assert corner_crops(512, 477) == [(0, 0, 477), (35, 0, 477), (0, 35, 477), (35, 35, 477)]
+    p = torch.tensor([135.0, 35.0 + 477 / 2])
+    torch.testing.assert_close(
+        to_crop_frame(p, (35, 35, 477), 512), torch.tensor([107.337, 256.0]), atol=1e-3, rtol=0
+    )
+    img = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8) / 400
+    out = cut_and_resize(img, [(0, 0, 4), (4, 4, 4)], 4)
+    assert torch.equal(out[1], img[1, :, 4:, 4:])
+
+
+def test_gaussian_target_peaks_at_the_point():
+    t = gaussian_targets(torch.tensor([[10.5, 20.5]]), 32, 3.0)
+    assert t.shape == (1, 32, 32)
+    assert t[0, 20, 10] == 1.0 and t.argmax() == 20 * 32 + 10
+    assert torch.isclose(t[0, 20, 13], torch.exp(torch.tensor(-9 / 18)))
+
+
+def test_model_frame_round_trip_and_letterbox():
+    f = ModelFrame(200, 100, 512)
+    p = torch.tensor([[50.0, 25.0]])
+    torch.testing.assert_close(f.to_model(p), torch.tensor([[128.0, 128.0]]))
+    torch.testing.assert_close(f.to_original(f.to_model(p)), p)
+    lb = ModelFrame(200, 100, 512, "letterbox")
+    assert lb.content_wh == (512, 256)
+    img = lb.image(torch.full((3, 100, 200), 255, dtype=torch.uint8))
+    assert (
+        img.shape == (1, 3, 512, 512) and img[0, :, :256].min() == 1 and img[0, :, 256:].max() == 0
+    )
+    with pytest.raises(ValueError, match="method.resize"):
+        ModelFrame(1, 1, 512, "crop")
+
+
+# ------------------------------------------------------------------------------------- readout
+
+
+def test_readout_is_softmax_per_layer_then_mean_then_argmax_plus_half():
+    maps = torch.zeros(1, 2, 2, 8, 8)
+    maps[0, :, 0, 3, 5] = 1.0  # layer 0 peaks at (x=5, y=3)
+    maps[0, :, 1, 3, 5] = 0.6
+    maps[0, :, 1, 6, 1] = 0.7  # layer 1 prefers (1, 6) slightly
+    pred = PromptCorrespondence.readout(maps)
+    manual = maps.mean(1).reshape(1, 2, 64).softmax(-1).mean(1).argmax(-1)
+    assert manual.item() == 3 * 8 + 5
+    assert pred.tolist() == [[5.5, 3.5]]
+
+
+# -------------------------------------------------------------------- one step vs a reference
+
+
+def _reference_maps(sd, latents, noise, cond, t, layers, heads, token, out):
+    """An independent computation: hooks on to_q/to_k, explicit softmax(q k^T * scale)."""
+    names = [cross_attention_layers(sd.unet)[i] for i in layers]
+    qk = {}
+    hooks = []
+    for name in names:
+        attn = sd.unet.get_submodule(name)
+        hooks.append(
+            attn.to_q.register_forward_hook(lambda m, i, o, n=name: qk.__setitem__((n, "q"), o))
+        )
+        hooks.append(
+            attn.to_k.register_forward_hook(lambda m, i, o, n=name: qk.__setitem__((n, "k"), o))
+        )
+    abar = sd.scheduler.alphas_cumprod[t]
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    sd.unet(noisy, t, encoder_hidden_states=cond)
+    for h in hooks:
+        h.remove()
+    maps = []
+    for name in names:
+        attn = sd.unet.get_submodule(name)
+        q, k = qk[(name, "q")], qk[(name, "k")]
+        b, n, c = q.shape
+        d = c // attn.heads
+        q = q.reshape(b, n, attn.heads, d).transpose(1, 2)
+        k = k.reshape(b, -1, attn.heads, d).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * d**-0.5).softmax(-1)[:, heads, :, token].mean(1)
+        side = int(n**0.5)
+        maps.append(F.interpolate(probs.reshape(b, 1, side, side), size=out, mode="bilinear"))
+    return torch.cat(maps, 1)
+
+
+def test_step_maps_equal_an_independent_reference(sd):
+    pc = PromptCorrespondence(sd, _cfg())
+    g = torch.Generator().manual_seed(1)
+    latents = pc.encode_crops(_image(), [(0, 0, 118), (10, 5, 118)])
+    noise = torch.rand(latents.shape, generator=g)
+    cond = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        ours = pc.step_maps(latents, noise, cond, 140)
+        ref = _reference_maps(sd, latents, noise, cond, 140, [7, 8, 9, 10], [4, 5, 6, 7], 1, S)
+    assert ours.shape == (2, 4, S, S)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ batching and seeds
+
+
+def test_batched_optimisation_equals_one_at_a_time(sd):
+    src, trg = _image(0), _image(1)
+    points = torch.tensor([[30.0, 40.0], [90.0, 100.0]])
+    batched = PromptCorrespondence(sd, _cfg(batch_size=0, steps=2))
+    single = PromptCorrespondence(sd, _cfg(batch_size=1, steps=2))
+    items = [(p, e) for p in range(2) for e in range(2)]
+    gens = [item_generator(0, 3, p, e) for p, e in items]
+    cond_b = batched.optimise(src, points[[p for p, _ in items]], gens)
+    conds = []
+    for p, e in items:
+        conds.append(single.optimise(src, points[[p]], [item_generator(0, 3, p, e)]))
+    torch.testing.assert_close(cond_b, torch.cat(conds), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(conds[0], conds[1])  # restarts differ
+    assert (
+        batched.match(src, trg, points, seed=0, index=3).tolist()
+        == single.match(src, trg, points, seed=0, index=3).tolist()
+    )
+
+
+def test_same_seed_same_prediction_and_frozen_backbone(sd):
+    before = {k: v.clone() for k, v in sd.state_dict().items()}
+    pc = PromptCorrespondence(sd, _cfg(num_embeddings=1))
+    src, trg = _image(0), _image(2)
+    pts = torch.tensor([[20.0, 100.0]])
+    a = pc.match(src, trg, pts, seed=5)
+    b = pc.match(src, trg, pts, seed=5)
+    assert torch.equal(a, b)
+    after = sd.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in sd.parameters())
+
+
+def test_optimisation_lowers_the_loss(sd):
+    """Adam on the Gaussian target lowers the per-item loss on a fixed crop and noise."""
+    pc = PromptCorrespondence(sd, _cfg(steps=25, lr=0.2))
+    img = _image(0)
+    box = (5, 5, crop_size(S, 0.9317))
+    latents = pc.encode_crops(img, [box])
+    noise = torch.rand(latents.shape, generator=torch.Generator().manual_seed(0))
+    target = gaussian_targets(to_crop_frame(torch.tensor([[40.0, 60.0]]), box, S), S, pc.sigma)
+    cond = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    opt = torch.optim.Adam([cond], lr=0.2)
+    losses = []
+    for _ in range(25):
+        opt.zero_grad()
+        loss = pc.step_loss(pc.step_maps(latents, noise, cond, 140), target)
+        loss.sum().backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < sum(losses[:5])  # fixed inputs: descent must make progress
+    assert min(losses) < losses[0]
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        FitConfig(image_size=100)
+    with pytest.raises(ValueError, match="method.noise"):
+        FitConfig(noise="pink")
+    with pytest.raises(ValueError, match="inference_crops"):
+        FitConfig(inference_crops=3)
