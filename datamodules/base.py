@@ -302,11 +302,25 @@ class BenchmarkDataModule(pl.LightningDataModule):
         return self._full.name
 
     def test_dataloader(self) -> DataLoader:
+        """Batch size 1, fixed order. Under torch.distributed each rank gets a disjoint share and no
+        sample is repeated to even the shares out (unlike the DistributedSampler Lightning would
+        insert: the Trainer must run with ``use_distributed_sampler=False``)."""
         self.setup()
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                self.dataset,
+                num_replicas=torch.distributed.get_world_size(),
+                rank=torch.distributed.get_rank(),
+                shuffle=False,
+            )
         return DataLoader(
             self.dataset,
             batch_size=1,
             shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=unwrap_single,
         )

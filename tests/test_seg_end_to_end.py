@@ -168,3 +168,19 @@ def test_commands_reject_an_empty_class_list(tmp_path, capsys, command):
         argv += ["--out", str(tmp_path)]
     assert main([*argv, "--classes"]) == 2
     assert "no classes given" in capsys.readouterr().err
+
+
+def test_segment_with_a_tiny_random_clip_filter_keeps_a_non_empty_subset(tmp_path, data_root):
+    from sdzero.segmentation.api import segment_file
+
+    image = data_root / "VOCdevkit" / "VOC2012" / "JPEGImages" / "synthetic_000001.jpg"
+    args = segment_args(data_root, tmp_path / "c")
+    args += [
+        "method.clip_filter=true",
+        "method.clip_model=tiny_clip16",
+        "method.vit_weights=random",
+    ]
+    summary = segment_file(image, CLASSES, args)
+    assert summary["kept"] and set(summary["kept"]) <= set(CLASSES)
+    assert sum(summary["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert "meaningless" in summary["warning"]

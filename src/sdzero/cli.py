@@ -17,11 +17,14 @@ METHOD_CLIS = ("sdzero.correspondence.cli", "sdzero.segmentation.cli")
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
     from sdzero.runs import format_metrics, run_eval
 
     cfg = compose(args.experiment, args.overrides)
     metrics = run_eval(cfg)
-    print(format_metrics(metrics))
+    if rank_zero_only.rank == 0:
+        print(format_metrics(metrics))
     return 0
 
 

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics import Metric
 
-from sdzero.records import RecordWriter, write_json_atomic
+from sdzero.records import RecordWriter, read_records, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,31 +64,67 @@ class EvaluationModule(pl.LightningModule):
         """Write a PNG for this sample (optional)."""
 
     # ------------------------------------------------------------------------------ the loop
+    def record_complete(self, record: dict[str, Any]) -> bool:
+        """Whether a record read back from disk is whole (e.g. its mask file exists)."""
+        return True
+
     def on_test_start(self) -> None:
-        self._seconds, self._count = 0.0, 0
+        self._seconds, self._count, self._reused = 0.0, 0, 0
+        self._done: dict[int, dict[str, Any]] = {}
         if self.run_dir is not None:
+            # every rank reads every rank's records: a resumed run may use another world size
+            for path in sorted((self.run_dir / "predictions").glob("*.jsonl")):
+                for record in read_records(path):
+                    if isinstance(record.get("index"), int) and self.record_complete(record):
+                        self._done.setdefault(record["index"], record)
             path = self.run_dir / "predictions" / f"rank{self.global_rank}.jsonl"
             self._writer = RecordWriter(path)
+            if self._done and self.global_rank == 0:
+                log.info("resuming: %d finished samples found in %s", len(self._done), self.run_dir)
+
+    @property
+    def num_evaluated(self) -> int:
+        """Samples this rank evaluated in this run (not reused from earlier records)."""
+        return self._count
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        done = self._done.get(int(batch["index"]))
+        if done is not None:  # finished before an interruption: count it, do not redo it
+            self._reused += 1
+            self.update_metric(done, batch)
+            return
         start = time.perf_counter()
         record = self.evaluate(batch)
-        self._seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self._seconds += seconds
         self._count += 1
+        self.log("seconds_per_sample", seconds, on_step=True, on_epoch=False, batch_size=1)
         if self._writer is not None:
             self._writer.write(record)
         self.update_metric(record, batch)
         if self.run_dir is not None and batch_idx < self.visuals:
             visuals = self.run_dir / "visuals"
             visuals.mkdir(parents=True, exist_ok=True)
-            self.save_visual(record, batch, visuals / f"{record['id']}.png".replace("/", "_"))
+            path = visuals / f"{record['id']}.png".replace("/", "_")
+            self.save_visual(record, batch, path)
+            if path.is_file() and _is_wandb(self.logger):
+                self.logger.log_image(
+                    key="visuals", images=[str(path)], caption=[str(record["id"])]
+                )
 
     def on_test_epoch_end(self) -> None:
         computed = self.metric.compute()
-        stats = torch.tensor([self._seconds, float(self._count)], dtype=torch.float64)
-        stats = (
-            self.all_gather(stats).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else stats
+        log.info(
+            "rank %d: %d samples evaluated in %.1f s (%.3f samples/s), %d reused from records",
+            self.global_rank,
+            self._count,
+            self._seconds,
+            self._count / max(self._seconds, 1e-9),
+            self._reused,
         )
+        stats = torch.tensor([self._seconds, float(self._count)], dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            stats = self.all_gather(stats.to(self.device)).reshape(-1, 2).sum(0).cpu()
         seconds_per_sample = float(stats[0] / max(stats[1], 1.0))
         summary = self.summarise({**computed, "seconds_per_sample": seconds_per_sample})
         datamodule = self.trainer.datamodule
@@ -104,6 +140,8 @@ class EvaluationModule(pl.LightningModule):
         if self.logger is not None:
             flat = {k: v for k, v in _flatten(summary).items() if isinstance(v, (int, float))}
             self.logger.log_metrics(flat)
+            if _is_wandb(self.logger):
+                _log_tables(self.logger, summary)
         self.metric.reset()
 
     def on_test_end(self) -> None:
@@ -112,6 +150,22 @@ class EvaluationModule(pl.LightningModule):
             self._writer = None
         if self.random_weights:
             log.warning(RANDOM_WEIGHTS_WARNING)
+
+
+def _is_wandb(logger: Any) -> bool:
+    return type(logger).__name__ == "WandbLogger"
+
+
+def _log_tables(logger: Any, summary: dict[str, Any]) -> None:
+    """Per-category / per-class results as W&B tables (one row per name)."""
+    for key in ("per_category", "per_class_iou"):
+        table = summary.get(key)
+        if not table:
+            continue
+        first = next(iter(table.values()))
+        columns = ["name", *(first.keys() if isinstance(first, dict) else ["iou"])]
+        rows = [[name, *(v.values() if isinstance(v, dict) else [v])] for name, v in table.items()]
+        logger.log_table(key=key, columns=columns, data=rows)
 
 
 def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:

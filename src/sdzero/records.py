@@ -41,6 +41,7 @@ class RecordWriter:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
 
     def write(self, record: dict[str, Any]) -> None:
@@ -57,6 +58,25 @@ class RecordWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def drop_torn_tail(path: str | Path) -> int:
+    """Cut a last line that a kill left without its newline (so appends start on a fresh line).
+
+    Returns the number of bytes removed.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data) - keep
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:

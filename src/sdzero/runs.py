@@ -26,18 +26,51 @@ RUN_DIR_ENV = (
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
-    """Create the run folder: ``output_dir`` or ``runs/<experiment>/<timestamp>``, the same on all ranks."""
-    if os.environ.get(RUN_DIR_ENV):
+    """Create the run folder, the same on all ranks: ``resume``, else ``output_dir``, else
+    ``runs/<experiment>/<timestamp>``. A fresh run refuses a folder that already holds records."""
+    if os.environ.get(RUN_DIR_ENV):  # a DDP rank launched by rank 0: rank 0 checked the folder
         run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif cfg.resume:
+        run_dir = Path(cfg.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"resume={str(run_dir)!r} is not a run folder (no config.yaml in it)")
+        _check_same_run(cfg, run_dir)
     elif cfg.output_dir:
         run_dir = Path(cfg.output_dir)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / str(cfg.experiment or "eval") / stamp
     run_dir = run_dir.resolve()
+    if (
+        not cfg.resume
+        and not os.environ.get(RUN_DIR_ENV)
+        and any(run_dir.glob("predictions/*.jsonl"))
+    ):
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r} already holds prediction records; continue that run with "
+            f"resume={run_dir} or choose another output_dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def _check_same_run(cfg: DictConfig, run_dir: Path) -> None:
+    """A resumed run must use the settings that produced the records (seed, method, data, backbone)."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    for key in ("seed", "method", "data", "backbone"):
+        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        old = OmegaConf.to_container(old) if hasattr(old, "keys") else old
+        new = OmegaConf.to_container(new) if hasattr(new, "keys") else new
+        if key == "data":  # the split may be limited differently when resuming
+            old, new = ({k: v for k, v in d.items() if k != "limit"} for d in (old, new))
+        if old != new:
+            raise ConfigError(
+                f"resume={str(run_dir)!r}: its config.yaml has a different {key!r} "
+                f"({old!r} vs {new!r}); resume with the same experiment and overrides"
+            )
 
 
 def wandb_has_key() -> bool:
@@ -89,31 +122,39 @@ def build_trainer(cfg: DictConfig, logger: Any) -> pl.Trainer:
         inference_mode=False,
         enable_checkpointing=False,
         enable_model_summary=False,
+        use_distributed_sampler=False,  # the datamodules shard without repeating samples
         default_root_dir=os.environ[RUN_DIR_ENV],
     )
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Run one evaluation; returns the ``metrics.json`` object (also written into the run folder)."""
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    run_dir = make_run_dir(cfg)
-    save_config(cfg, run_dir / "config.yaml")
-    datamodule = instantiate(cfg.data, key="data")
-    datamodule.setup("test")  # reads and validates the annotation files before any model is loaded
-    module = instantiate(
-        cfg.method,
-        key="method",
-        backbone=_plain(cfg.backbone),
-        run_dir=str(run_dir),
-        visuals=cfg.visuals,
-        seed=int(cfg.seed),
-    )
-    trainer = build_trainer(cfg, build_logger(cfg, run_dir))
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    metrics_path = run_dir / "metrics.json"
-    if module.final_metrics is not None:
-        return module.final_metrics
-    return json.loads(metrics_path.read_text())
+    launched_by_parent = bool(os.environ.get(RUN_DIR_ENV))
+    try:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        run_dir = make_run_dir(cfg)
+        save_config(cfg, run_dir / "config.yaml")
+        datamodule = instantiate(cfg.data, key="data")
+        datamodule.setup("test")  # reads and validates the annotation files before any model
+        module = instantiate(
+            cfg.method,
+            key="method",
+            backbone=_plain(cfg.backbone),
+            run_dir=str(run_dir),
+            visuals=cfg.visuals,
+            seed=int(cfg.seed),
+        )
+        logger = build_logger(cfg, run_dir)
+        trainer = build_trainer(cfg, logger)
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        if logger and cfg.logger.kind == "wandb" and trainer.global_rank == 0:
+            logger.experiment.finish()
+        if module.final_metrics is not None:
+            return module.final_metrics
+        return json.loads((run_dir / "metrics.json").read_text())
+    finally:
+        if not launched_by_parent:  # the next run in this process gets its own folder
+            os.environ.pop(RUN_DIR_ENV, None)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

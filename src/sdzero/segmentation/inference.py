@@ -309,7 +309,7 @@ class Segmenter:
         self, image: Tensor, out_size: tuple[int, int] | None = None, explain: bool = False
     ) -> Segmentation:
         """Segment ``image`` ``(3, H, W)`` uint8; labels at ``out_size`` ``(H, W)`` (default: the
-        image's); ``explain`` keeps each pair's maps for :meth:`Segmentation.winner_at`."""
+        image's); ``explain`` keeps each pair's maps (for :mod:`sdzero.segmentation.explain`)."""
         work = resize_short_side(image, self.short_side)
         kept = sorted(self.class_filter(work)) if self.class_filter else list(self.banks[0].classes)
         height, width = work.shape[1:]
@@ -350,10 +350,8 @@ class Segmenter:
         batch, height, width = s.bg.shape
         shape = (batch, self.num_classes, height, width)
         values = s.bg.new_full(shape, -1.0)
-        owner = torch.arange(self.num_classes, device=s.bg.device)[None, :, None, None].expand(
-            shape
-        )
-        owner = owner.clone()
+        owner = torch.arange(self.num_classes, device=s.bg.device).view(1, -1, 1, 1)
+        owner = owner.repeat(batch, 1, height, width)
         proto = torch.full(shape, -1, dtype=torch.long, device=s.bg.device)
         values[:, kept], proto[:, kept] = s.fg, s.fg_arg
         if self.background_index is not None:

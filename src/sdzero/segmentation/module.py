@@ -214,23 +214,23 @@ class OVDiffModule(EvaluationModule):
         :param stuff: label indices of stuff classes (always kept, own BG prototypes dropped).
         """
         classes = [i for i in range(len(prompt_names)) if i != background_index]
+        stuff = set(stuff) - {background_index}
+        filterable = {i: prompt_names[i] for i in classes if i not in stuff}
+        class_filter = None
+        if self.clip_filter and filterable:  # loaded first: a missing model fails before any build
+            from sdzero.backbones.clip_text import build_clip_classifier
+
+            classifier = build_clip_classifier(self.clip_model, self.vit_weights).to(self.device)
+            self.random_weights |= self.vit_weights == "random"
+            class_filter = ClipFilter(classifier, filterable, sorted(stuff), device=self.device)
         built = self.build_prototypes([prompt_names[i] for i in classes], support_root)
         self.prototypes = {i: built[prompt_names[i]] for i in classes}
-        stuff = set(stuff) - {background_index}
         banks = [
             PrototypeBank.build(
                 {i: p[e] for i, p in self.prototypes.items()}, stuff, self.stuff_threshold
             )
             for e in self.extractor_names
         ]
-        filterable = {i: prompt_names[i] for i in classes if i not in stuff}
-        class_filter = None
-        if self.clip_filter and filterable:
-            from sdzero.backbones.clip_text import build_clip_classifier
-
-            classifier = build_clip_classifier(self.clip_model, self.vit_weights).to(self.device)
-            self.random_weights |= self.vit_weights == "random"
-            class_filter = ClipFilter(classifier, filterable, sorted(stuff), device=self.device)
         _, extractors = self._components()
         if "sd" not in self.extractor_names:
             self._sd = None  # only support sampling needed it

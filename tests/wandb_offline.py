@@ -1,0 +1,43 @@
+"""Read an offline W&B run file (``run-*.wandb``) back: its records are protobufs in a LevelDB-style log."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+BLOCK, HEADER = 32768, 7
+
+
+def raw_records(path: Path) -> Iterator[bytes]:
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, buf = HEADER, b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer padding
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 1:  # full
+            yield chunk
+        elif kind == 2:  # first
+            buf = chunk
+        elif kind == 3:  # middle
+            buf += chunk
+        elif kind == 4:  # last
+            yield buf + chunk
+
+
+def logged_values(run_dir: Path) -> dict[str, str]:
+    """The last value (JSON text) logged for each history key of the offline run under ``run_dir``."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    values: dict[str, str] = {}
+    for raw in raw_records(path):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                values[item.key or "/".join(item.nested_key)] = item.value_json
+    return values
