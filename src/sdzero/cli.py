@@ -131,13 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from datamodules.base import DatasetFormatError, DatasetNotFoundError
     from sdzero.backbones.sd import WeightsNotFoundError
+    from sdzero.backbones.vit import WeightsUnavailableError
 
     try:
         return args.func(args)
     except ConfigError as err:
         print(f"sdzero: config error: {err}", file=sys.stderr)
         return 2
-    except (DatasetFormatError, DatasetNotFoundError, WeightsNotFoundError) as err:
+    except (
+        DatasetFormatError,
+        DatasetNotFoundError,
+        WeightsNotFoundError,
+        WeightsUnavailableError,
+    ) as err:
         print(f"sdzero: error: {err}", file=sys.stderr)
         return 2
 

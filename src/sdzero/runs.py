@@ -37,6 +37,11 @@ def make_run_dir(cfg: DictConfig) -> Path:
         _check_same_run(cfg, run_dir)
     elif cfg.output_dir:
         run_dir = Path(cfg.output_dir)
+    elif _launched_processes() > 1:
+        raise ConfigError(
+            "this process is one of several started by torchrun/srun: set output_dir=... (or "
+            "resume=...) so that all of them share one run folder"
+        )
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / str(cfg.experiment or "eval") / stamp
@@ -53,6 +58,14 @@ def make_run_dir(cfg: DictConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def _launched_processes() -> int:
+    """How many processes an external launcher (torchrun, SLURM) started for this run."""
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
 
 
 def _check_same_run(cfg: DictConfig, run_dir: Path) -> None:

@@ -194,12 +194,13 @@ class ViTKeyExtractor(FeatureExtractor):
 
 
 class ColourExtractor(FeatureExtractor):
-    """Plain colour features of ``patch``×``patch`` pixel patches, no model: ``(B, 6, H/p, W/p)``.
+    """Plain colour features of ``patch``×``patch`` pixel patches, no model: ``(B, 7, H/p, W/p)``.
 
     Channels 0-2: the patch mean of ``2·RGB − 1`` (centred, so that cosine similarity tells hues
     apart instead of seeing every colour in the positive octant); channels 3-5: the per-channel
-    standard deviation within the patch (texture). Windows keep their size, rounded down to a
-    multiple of ``patch``.
+    standard deviation within the patch (texture); channel 6: a constant 0.5, so that near-grey
+    patches (centred to almost zero) keep a stable direction instead of one set by noise and tint.
+    Windows keep their size, rounded down to a multiple of ``patch``.
     """
 
     name = "colour"
@@ -207,11 +208,11 @@ class ColourExtractor(FeatureExtractor):
     def __init__(self, patch: int = 8) -> None:
         super().__init__()
         self.patch_size = int(patch)
-        self.dim = 6
+        self.dim = 7
 
     @property
     def settings(self) -> dict[str, Any]:
-        return {"name": self.name, "patch": self.patch_size}
+        return {"name": self.name, "patch": self.patch_size, "version": 2}
 
     def prepare(self, window: torch.Tensor) -> torch.Tensor:
         return floor_to_multiple(window, self.patch_size)
@@ -221,7 +222,8 @@ class ColourExtractor(FeatureExtractor):
         x = images.float()
         mean = F.avg_pool2d(x, self.patch_size)
         var = F.avg_pool2d(x * x, self.patch_size) - mean * mean
-        return torch.cat([2 * mean - 1, var.clamp(min=0).sqrt()], dim=1)
+        const = torch.full_like(mean[:, :1], 0.5)
+        return torch.cat([2 * mean - 1, var.clamp(min=0).sqrt(), const], dim=1)
 
 
 def build_extractor(

@@ -70,7 +70,8 @@ class OVDiffModule(EvaluationModule):
         short_side: int = 448,
         sd_timestep: int = 200,
         vit_weights: str = "pretrained",
-        seed: int = 42,
+        support_seed: int = 42,
+        seed: int = 0,
     ) -> None:
         super().__init__(run_dir, visuals)
         extractors = [str(e) for e in extractors]
@@ -111,7 +112,8 @@ class OVDiffModule(EvaluationModule):
         self.short_side = short_side
         self.sd_timestep = sd_timestep
         self.vit_weights = vit_weights
-        self.seed = seed
+        self.support_seed = support_seed
+        self.seed = seed  # the run's top-level seed; the official draws use fixed seeds
         self.segmenter: Segmenter | None = None
         self.prototypes: dict[int, dict[str, Prototypes]] = {}
         self._prediction: torch.Tensor | None = None
@@ -148,7 +150,7 @@ class OVDiffModule(EvaluationModule):
             num_support=self.num_support,
             guidance_scale=self.guidance_scale,
             steps=self.sampling_steps,
-            seed=self.seed,
+            seed=self.support_seed,
         )
 
     def _load_sd(self) -> Any:
