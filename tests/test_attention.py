@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from sd1_layers import SD1_CROSS_ATTENTION
 
 from sdzero.backbones.attention import (
     AttentionCapture,
@@ -11,19 +12,7 @@ from sdzero.backbones.attention import (
 )
 from sdzero.backbones.sd import load_stable_diffusion
 
-EXPECTED = (
-    [
-        f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2"
-        for b in range(3)
-        for a in range(2)
-    ]
-    + ["mid_block.attentions.0.transformer_blocks.0.attn2"]
-    + [
-        f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn2"
-        for b in (1, 2, 3)
-        for a in range(3)
-    ]
-)
+EXPECTED = list(SD1_CROSS_ATTENTION)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 from safetensors.torch import save_file  # noqa: E402
+from sd1_layers import SD1_CROSS_ATTENTION
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from sdzero.backbones.architectures import (  # noqa: E402
@@ -36,20 +37,6 @@ from sdzero.backbones.sd import (  # noqa: E402
     describe_source,
     load_stable_diffusion,
     sample_noise,
-)
-
-SD1_CROSS_ATTENTION = (
-    [
-        f"down_blocks.{b}.attentions.{j}.transformer_blocks.0.attn2"
-        for b in range(3)
-        for j in range(2)
-    ]
-    + ["mid_block.attentions.0.transformer_blocks.0.attn2"]
-    + [
-        f"up_blocks.{b}.attentions.{j}.transformer_blocks.0.attn2"
-        for b in (1, 2, 3)
-        for j in range(3)
-    ]
 )
 
 

@@ -56,13 +56,18 @@ def _load_yaml(path: Path) -> DictConfig:
     return cfg
 
 
+def _did_you_mean(word: str, valid: Sequence[str], prefix: str = "") -> str:
+    """`` Did you mean: a, b?`` for the closest valid names, or an empty string."""
+    close = difflib.get_close_matches(word, list(valid), n=3, cutoff=0.6)
+    return f" Did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
+
+
 def _group_file(group: str, option: str) -> Path:
     path = config_dir() / group / f"{option}.yaml"
     if not path.is_file():
-        close = difflib.get_close_matches(option, available(group), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
-            f"no config {option!r} in group {group!r} (options: {', '.join(available(group))}){hint}"
+            f"no config {option!r} in group {group!r} (options: "
+            f"{', '.join(available(group))}).{_did_you_mean(option, available(group))}"
         )
     return path
 
@@ -111,9 +116,7 @@ def _check_known(cfg: DictConfig, keys: Sequence[str], source: str) -> None:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         if parent and parent in valid and OmegaConf.select(cfg, parent) is None:
             continue  # setting a field inside a node that is null by default (e.g. a dict option)
-        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown config key {key!r} (from {source}).{hint}")
+        raise ConfigError(f"unknown config key {key!r} (from {source}).{_did_you_mean(key, valid)}")
 
 
 def _dotlist_keys(items: Sequence[str]) -> list[str]:
@@ -139,11 +142,9 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
         if not (path.suffix in {".yaml", ".yml"} and path.is_file()):
             names = available("experiment")
             if experiment not in names:
-                close = difflib.get_close_matches(experiment, names, n=3)
-                hint = f" Did you mean: {', '.join(close)}?" if close else ""
                 raise ConfigError(
                     f"unknown experiment {experiment!r}: not a YAML file and not one of "
-                    f"{', '.join(names)}.{hint}"
+                    f"{', '.join(names)}.{_did_you_mean(experiment, names)}"
                 )
             path = config_dir() / "experiment" / f"{experiment}.yaml"
         exp_cfg = _load_yaml(path)
@@ -209,11 +210,10 @@ def instantiate(node: DictConfig | dict, key: str = "", **extra: Any) -> Any:
         names = [n for n in sig.parameters if n != "self"]
         for name in params:
             if name not in names:
-                close = difflib.get_close_matches(name, names, n=3)
-                hint = f" Did you mean: {', '.join(f'{key}.{c}' for c in close)}?" if close else ""
                 raise ConfigError(
                     f"unknown config key {key}.{name} for {target}; valid keys: "
-                    f"{', '.join(n for n in names if n not in extra)}.{hint}"
+                    f"{', '.join(n for n in names if n not in extra)}."
+                    f"{_did_you_mean(name, names, f'{key}.')}"
                 )
     try:
         sig.bind(**params)

@@ -117,6 +117,7 @@ class OVDiffModule(EvaluationModule):
         self.segmenter: Segmenter | None = None
         self.prototypes: dict[int, dict[str, Prototypes]] = {}
         self._prediction: torch.Tensor | None = None
+        self._prediction_index = -1
         self._sd: Any = None
         self._extractors: list[Any] | None = None
 
@@ -278,7 +279,7 @@ class OVDiffModule(EvaluationModule):
     def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
         label = batch["label"]
         seg = self.segmenter(batch["image"], out_size=tuple(label.shape[-2:]))
-        self._prediction = seg.labels
+        self._prediction, self._prediction_index = seg.labels, int(batch["index"])
         record = {
             "index": int(batch["index"]),
             "id": str(batch["id"]),
@@ -288,8 +289,18 @@ class OVDiffModule(EvaluationModule):
             write_bytes_atomic(self.run_dir / "predictions" / record["mask"], png_bytes(seg.labels))
         return record
 
+    def record_complete(self, record: dict[str, Any]) -> bool:
+        """A record counts only with its mask (written before the record, atomically)."""
+        mask = record.get("mask")
+        return bool(mask) and (self.run_dir / "predictions" / mask).is_file()
+
     def update_metric(self, record: dict[str, Any], batch: dict[str, Any]) -> None:
-        self.metric.update(self._prediction, batch["label"], index=record["index"])
+        if self._prediction_index == record["index"]:
+            prediction = self._prediction
+        else:  # reused from an earlier, interrupted run: read its mask back
+            with Image.open(self.run_dir / "predictions" / record["mask"]) as img:
+                prediction = torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.int64))
+        self.metric.update(prediction, batch["label"], index=record["index"])
 
     def summarise(self, computed: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -1,0 +1,108 @@
+"""Segmentation across 2 processes, resume from records, concurrent prototype-cache builders."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+from test_distributed import TIMING, _sdzero
+
+from datamodules.synthetic_segmentation import write_synthetic_voc
+from sdzero.records import read_records
+
+COMMON = ["data.num_images=5", "logger=none", "trainer.enable_progress_bar=false"]  # odd count
+
+
+def _metrics(run_dir):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {k: v for k, v in m.items() if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seg1") / "run"
+    res = _sdzero("eval", "demo_segmentation", f"output_dir={out}", *COMMON, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_two_processes_give_the_one_process_metrics(reference, tmp_path):
+    out = tmp_path / "ddp"
+    res = _sdzero(
+        "eval",
+        "demo_segmentation",
+        f"output_dir={out}",
+        *COMMON,
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = {p.name: len(list(read_records(p))) for p in (out / "predictions").glob("*.jsonl")}
+    assert counts == {"rank0.jsonl": 3, "rank1.jsonl": 2}
+    assert _metrics(out) == _metrics(reference)
+    assert _metrics(out)["num_images"] == 5
+
+
+def test_resume_redoes_only_the_missing_images(reference, tmp_path):
+    out = tmp_path / "resumed"
+    res = _sdzero("eval", "demo_segmentation", f"output_dir={out}", *COMMON, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = out / "predictions" / "rank0.jsonl"
+    lines = records.read_text().splitlines()
+    lost = [json.loads(line) for line in lines[3:]]
+    records.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])  # torn line
+    (out / "predictions" / lost[-1]["mask"]).unlink()
+    (out / "metrics.json").unlink()
+    res = _sdzero("eval", "demo_segmentation", f"resume={out}", *COMMON, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 samples evaluated" in res.stderr and "3 reused from records" in res.stderr
+    assert _metrics(out) == _metrics(reference)
+
+
+def test_concurrent_prototype_builds_leave_a_valid_cache(tmp_path):
+    data = write_synthetic_voc(tmp_path / "data", num_images=1, classes=2, image_size=64)
+    classes = sorted(p.name for p in (data / "support").iterdir())
+    cache = tmp_path / "cache"
+    args = [
+        sys.executable,
+        "-m",
+        "sdzero.cli",
+        "prototypes",
+        "build",
+        "--classes",
+        *classes,
+        "--out",
+        str(cache),
+        "backbone=tiny",
+        "method.extractors=[colour]",
+        f"method.support_folder={data / 'support'}",
+        "method.mask_proposer=saliency",
+        "method.clip_filter=false",
+        "method.kmeans_k=4",
+    ]
+    env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PATH": ""}
+    procs = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    files = sorted(cache.glob("*.pt"))
+    assert len(files) == len(classes)  # one file per class, no torn temporaries left
+    assert not list(cache.glob(".*.tmp"))
+    summaries = [json.loads(o[0][o[0].index("{") :]) for o in outs]
+    assert summaries[0]["classes"] == summaries[1]["classes"]
+    for path in files:  # each file is whole: its embedded SHA-256 matches its payload
+        data = path.read_bytes()
+        magic = b"SDZPROTO1\n"
+        assert data.startswith(magic)
+        digest, payload = data[len(magic) : len(magic) + 64], data[len(magic) + 64 :]
+        assert hashlib.sha256(payload).hexdigest().encode() == digest
+    # a third run finds everything cached: the files are untouched
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [p.stat().st_mtime_ns for p in files] == stamps
