@@ -6,11 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("SDZERO_RUN_DIR", None)
+# One thread per process: several tests start sdzero subprocesses (DDP ranks), and oversubscribed
+# OpenMP threads on a 2-core machine slow torch down by orders of magnitude.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from test_distributed import TIMING, _sdzero
+from wandb_offline import artifact_types, logged_values
 
 from datamodules.synthetic_segmentation import write_synthetic_voc
 from sdzero.records import read_records
@@ -106,3 +107,24 @@ def test_concurrent_prototype_builds_leave_a_valid_cache(tmp_path):
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [p.stat().st_mtime_ns for p in files] == stamps
+
+
+def test_offline_wandb_logs_miou_tables_and_the_prototype_artifact(tmp_path):
+    out = tmp_path / "wb"
+    args = [a for a in COMMON if not a.startswith("logger")] + ["data.num_images=2"]
+    res = _sdzero(
+        "eval",
+        "demo_segmentation",
+        f"output_dir={out}",
+        *args,
+        "logger=wandb",
+        "logger.artifacts=true",
+        env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""},
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    logged = logged_values(out)
+    assert float(logged["miou"]) == pytest.approx(metrics["miou"])
+    assert logged["per_class_iou/_type"] == '"table-file"'
+    assert "prototypes" in artifact_types(out)

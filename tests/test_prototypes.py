@@ -75,9 +75,9 @@ def test_colour_extractor_known_answer():
     image[:, :, :8] = torch.tensor([1.0, 0.5, 0.0])[:, None, None]  # top patch: flat orange
     image[:, 0, 8:] = (torch.arange(8) % 2).float()  # bottom patch: red stripes 0/1
     feats = ColourExtractor()(image)
-    assert feats.shape == (1, 6, 2, 1)
-    assert torch.allclose(feats[0, :, 0, 0], torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.0]))
-    assert torch.allclose(feats[0, :, 1, 0], torch.tensor([0.0, -1.0, -1.0, 0.5, 0.0, 0.0]))
+    assert feats.shape == (1, 7, 2, 1)
+    assert torch.allclose(feats[0, :, 0, 0], torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.5]))
+    assert torch.allclose(feats[0, :, 1, 0], torch.tensor([0.0, -1.0, -1.0, 0.5, 0.0, 0.0, 0.5]))
 
 
 # --- prototypes on constructed features --------------------------------------------------------

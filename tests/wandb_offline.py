@@ -28,16 +28,31 @@ def raw_records(path: Path) -> Iterator[bytes]:
             yield buf + chunk
 
 
-def logged_values(run_dir: Path) -> dict[str, str]:
-    """The last value (JSON text) logged for each history key of the offline run under ``run_dir``."""
+def run_records(run_dir: Path) -> list:
+    """The protobuf records of the (single) offline run under ``run_dir``."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    values: dict[str, str] = {}
+    records = []
     for raw in raw_records(path):
         record = pb.Record()
         record.ParseFromString(raw)
+        records.append(record)
+    return records
+
+
+def logged_values(run_dir: Path) -> dict[str, str]:
+    """The last value (JSON text) logged for each history key of the offline run under ``run_dir``."""
+    values: dict[str, str] = {}
+    for record in run_records(run_dir):
         if record.WhichOneof("record_type") == "history":
             for item in record.history.item:
                 values[item.key or "/".join(item.nested_key)] = item.value_json
     return values
+
+
+def artifact_types(run_dir: Path) -> list[str]:
+    """Types of the artifacts the offline run logged (tables included)."""
+    return [
+        r.artifact.type for r in run_records(run_dir) if r.WhichOneof("record_type") == "artifact"
+    ]

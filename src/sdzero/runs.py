@@ -126,6 +126,18 @@ def _plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def log_folder_artifact(logger: Any, folder: Path, kind: str) -> None:
+    """Upload ``folder`` (e.g. a prototype cache) as a W&B artifact of type ``kind``."""
+    import wandb
+
+    if not Path(folder).is_dir():
+        log.warning("no %s folder at %s to log as an artifact", kind, folder)
+        return
+    artifact = wandb.Artifact(name=f"{kind}-{logger.experiment.id}", type=kind)
+    artifact.add_dir(str(folder))
+    logger.experiment.log_artifact(artifact)
+
+
 def build_trainer(cfg: DictConfig, logger: Any) -> pl.Trainer:
     """A Trainer for evaluation: ``inference_mode=False`` so methods may optimise in ``test_step``."""
     kwargs = _plain(cfg.trainer)
@@ -161,6 +173,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         trainer = build_trainer(cfg, logger)
         trainer.test(module, datamodule=datamodule, verbose=False)
         if logger and cfg.logger.kind == "wandb" and trainer.global_rank == 0:
+            if cfg.logger.artifacts and hasattr(module, "cache_root"):
+                log_folder_artifact(logger, module.cache_root(), "prototypes")
             logger.experiment.finish()
         if module.final_metrics is not None:
             return module.final_metrics
