@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from sdzero.config import ConfigError, available, compose, config_dir
 
 DEMO_EXPERIMENTS = ("demo_correspondence", "demo_segmentation")
@@ -78,8 +80,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"configs: {config_dir()}")
     print("backbones (backbone=<name>):")
     for name in available("backbone"):
-        cfg = compose(None, [f"backbone={name}"]) if name else None
-        print(f"  {name:18s} {describe_source(cfg.backbone.weights, cfg.backbone.arch)}")
+        node = OmegaConf.load(config_dir() / "backbone" / f"{name}.yaml")
+        print(f"  {name:18s} {describe_source(node.weights, node.arch)}")
     print("datasets (data=<name>, data.root=...):")
     for name in available("data"):
         print(f"  {name}")
@@ -124,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (`--viz out.png backbone=tiny`): argparse leaves
+    # those unparsed once the positional `overrides` has been filled, so collect them here
+    args, extra = parser.parse_known_args(argv)
+    stray = [
+        a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")
+    ]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
