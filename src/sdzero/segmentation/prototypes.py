@@ -298,10 +298,13 @@ def build_prototypes(
     if kmeans_k < 1 or batch_size < 1:
         raise ValueError(f"kmeans_k and batch_size must be >= 1, got {kmeans_k}, {batch_size}")
     options = dict(mask_options or {})
-    proposer = build_mask_proposer(mask_proposer, **options)
+    proposers: list[Any] = []  # built on the first miss: cached classes need no mask model
 
     def build(name: str, missing: list[str]) -> dict[str, Prototypes]:
         log.info("building prototypes of %r for %s", name, missing)
+        if not proposers:  # before any support sampling, so a missing model fails cheaply
+            proposers.append(build_mask_proposer(mask_proposer, **options))
+        proposer = proposers[0]
         support = support_source(name)
         attribution = support.attribution
         masks = [
