@@ -219,3 +219,28 @@ def test_config_validation():
         FitConfig(noise="pink")
     with pytest.raises(ValueError, match="inference_crops"):
         FitConfig(inference_crops=3)
+
+
+def test_pck_threshold_sizes_in_both_frames_including_the_cub_quirk():
+    from sdzero.correspondence.module import PromptCorrespondenceModule
+
+    batch = {
+        "trg_kps": torch.tensor([[30.0, 20.0], [40.0, 90.0]]),
+        "src_bbox": torch.tensor([0.0, 0.0, 50.0, 50.0]),
+        "trg_bbox": torch.tensor([20.0, 10.0, 40.0, 90.0]),  # 20 wide, 80 high
+        "src_size": (100, 100),
+        "trg_size": (200, 100),  # stretched to 512: x scale 2.56, y scale 5.12
+    }
+
+    def size(**kw):
+        return PromptCorrespondenceModule({"arch": "tiny", "weights": None}, **kw)._threshold_size(
+            batch
+        )
+
+    assert size(pck_threshold="bbox-target") == pytest.approx(80.0)
+    assert size(pck_threshold="bbox-target", pck_frame="resized") == pytest.approx(80 * 5.12)
+    assert size(pck_threshold="bbox-target-xscale", pck_frame="resized") == pytest.approx(80 * 2.56)
+    assert size(pck_threshold="bbox-source", pck_frame="resized") == pytest.approx(50 * 5.12)
+    assert size(pck_threshold="image") == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="pck_frame=resized only"):
+        size(pck_threshold="bbox-target-xscale")

@@ -15,6 +15,7 @@ from sdzero.evaluation import EvaluationModule
 from sdzero.metrics.pck import PCK, threshold_size
 
 PCK_FRAMES = ("original", "resized")
+XSCALE = "bbox-target-xscale"  # the official CUB threshold, see the class docstring
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -23,8 +24,10 @@ class PromptCorrespondenceModule(EvaluationModule):
 
     Defaults reproduce the official code (see :class:`~sdzero.correspondence.fitting.FitConfig`).
     Scoring: ``pck_threshold`` (``bbox-target`` | ``bbox-source`` | ``bbox-keypoints`` |
-    ``bbox-keypoints-padded`` | ``image``) measured in ``pck_frame`` (``original`` pixels of the target,
-    or ``resized``: the model frame, as the official code measures).
+    ``bbox-keypoints-padded`` | ``image`` | ``bbox-target-xscale``) measured in ``pck_frame``
+    (``original`` pixels of the target, or ``resized``: the model frame, as the official code
+    measures). ``bbox-target-xscale`` is the official CUB quirk: the target box's longer side in
+    original pixels times the x-axis scale only (``S / width``); it needs ``pck_frame=resized``.
     """
 
     def __init__(
@@ -85,7 +88,11 @@ class PromptCorrespondenceModule(EvaluationModule):
         self.resize = resize
         self.pck_frame = pck_frame
         self.seed = int(seed)
-        self.metric = PCK(alphas=pck_alphas, threshold=pck_threshold, inclusive=pck_inclusive)
+        if pck_threshold == XSCALE and pck_frame != "resized":
+            raise ValueError(f"method.pck_threshold={XSCALE} is defined in pck_frame=resized only")
+        self.pck_threshold = pck_threshold
+        kind = "bbox-target" if pck_threshold == XSCALE else pck_threshold
+        self.metric = PCK(alphas=pck_alphas, threshold=kind, inclusive=pck_inclusive)
         self.sd = None
         self.method: PromptCorrespondence | None = None
 
@@ -148,7 +155,11 @@ class PromptCorrespondenceModule(EvaluationModule):
             src_frame = ModelFrame(*batch["src_size"], size, self.resize)
             trg_frame = ModelFrame(*batch["trg_size"], size, self.resize)
             trg_kps = trg_frame.to_model(trg_kps)
-            src_bbox, trg_bbox = src_frame.box_to_model(src_bbox), trg_frame.box_to_model(trg_bbox)
+            if self.pck_threshold == XSCALE:  # both sides scaled by the x factor (official CUB)
+                trg_bbox = trg_bbox * trg_frame.scale[0]
+            else:
+                trg_bbox = trg_frame.box_to_model(trg_bbox)
+            src_bbox = src_frame.box_to_model(src_bbox)
             trg_size = torch.tensor([float(size), float(size)])
         boxes = {"src_bbox": src_bbox, "trg_bbox": trg_bbox}
         boxes = {k: (None if torch.isnan(v).any() else v.tolist()) for k, v in boxes.items()}
@@ -182,7 +193,7 @@ class PromptCorrespondenceModule(EvaluationModule):
             "num_points": int(computed["num_points"]),
             "pck": computed["pck"],
             "pck_point": computed["pck_point"],
-            "threshold": self.metric.threshold,
+            "threshold": self.pck_threshold,
             "frame": self.pck_frame,
             "per_category": computed["per_category"],
             "seconds_per_pair": computed["seconds_per_sample"],
