@@ -21,3 +21,13 @@ torch.set_num_threads(1)
 def _no_run_dir_leak(monkeypatch):
     """`sdzero eval` exports the run folder for DDP ranks; tests must not inherit each other's."""
     monkeypatch.delenv("SDZERO_RUN_DIR", raising=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests need real weights (and ideally a GPU): they run only with SDZERO_SLOW=1."""
+    if os.environ.get("SDZERO_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set SDZERO_SLOW=1 (needs real weights in the HF cache)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
