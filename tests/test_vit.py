@@ -12,7 +12,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_M
 from sdzero.backbones.clip_text import build_clip_classifier
 from sdzero.backbones.vit import (
     ViTFeatureExtractor,
-    WeightsUnavailableError,
+    WeightsNotFoundError,
     build_vit_extractor,
     interpolate_pos_embed,
     load_backbone_model,
@@ -233,7 +233,7 @@ def test_bad_arguments_are_rejected(tmp_path, tiny_vit):
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match=r"nope.pth.*neither 'pretrained', 'random'"):
         build_vit_extractor("tiny_vit8", weights=str(missing))
-    with pytest.raises(WeightsUnavailableError, match=r"'tiny_clip16' is a test architecture"):
+    with pytest.raises(WeightsNotFoundError, match=r"'tiny_clip16' is a test architecture"):
         build_vit_extractor("tiny_clip16", weights="pretrained")
 
 
@@ -261,7 +261,7 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "vit.pth"
     torch.save(load_backbone_model("tiny_vit8", weights="random").state_dict(), path)
     with pytest.raises(
-        WeightsUnavailableError, match=r"vit.pth' could not be loaded into backbone 'tiny_clip16'"
+        WeightsNotFoundError, match=r"vit.pth' could not be loaded into backbone 'tiny_clip16'"
     ):
         load_backbone_model("tiny_clip16", weights=str(path))
 
@@ -291,7 +291,7 @@ def test_offline_pretrained_is_one_clear_error(name, repo, files, command, monke
     if _cached(repo, *files):
         pytest.skip(f"{repo} is in the local cache, so loading would succeed")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(WeightsUnavailableError) as info:
+    with pytest.raises(WeightsNotFoundError) as info:
         load_backbone_model(name, weights="pretrained")
     message = str(info.value)
     assert f"pretrained weights of {name!r}" in message

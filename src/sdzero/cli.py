@@ -142,7 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from datamodules.base import DatasetFormatError, DatasetNotFoundError
     from sdzero.backbones.sd import WeightsNotFoundError
-    from sdzero.backbones.vit import WeightsUnavailableError
 
     try:
         return args.func(args)
@@ -153,7 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         DatasetFormatError,
         DatasetNotFoundError,
         WeightsNotFoundError,
-        WeightsUnavailableError,
     ) as err:
         print(f"sdzero: error: {err}", file=sys.stderr)
         return 2

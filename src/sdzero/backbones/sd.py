@@ -36,6 +36,7 @@ from sdzero.backbones.architectures import (
     matching_architectures,
     unet_topology,
 )
+from sdzero.backbones.errors import WeightsNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _RANGE_TOLERANCE = 1e-3
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _T = TypeVar("_T")
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Backbone weights are neither on disk nor obtainable from the Hugging Face hub."""
 
 
 def sample_noise(

@@ -29,6 +29,8 @@ from timm.data import (
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import Tensor, nn
 
+from sdzero.backbones.errors import WeightsNotFoundError
+
 logger = logging.getLogger(__name__)
 
 # OVDiff normalises CLIP inputs with ImageNet statistics too; "clip" is the quirk-free option.
@@ -37,10 +39,6 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
 }
 FACETS = ("key", "token")
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but cannot be loaded (offline, not cached, bad file)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +119,7 @@ def load_backbone_model(name: str, weights: str = "pretrained") -> nn.Module:
     ``weights``: "pretrained" (the usual hub weights, from the local cache when offline),
     "random" (loud warning: features are meaningless) or a path to a local checkpoint file
     (a timm state dict for DINO, an open_clip state dict for CLIP). Raises
-    ``WeightsUnavailableError`` when the weights cannot be loaded.
+    ``WeightsNotFoundError`` when the weights cannot be loaded.
     """
     spec = get_vit_spec(name)
     if weights == "random":
@@ -133,7 +131,7 @@ def load_backbone_model(name: str, weights: str = "pretrained") -> nn.Module:
         source: str | Path | None = None
     elif weights == "pretrained":
         if spec.download is None:
-            raise WeightsUnavailableError(
+            raise WeightsNotFoundError(
                 f"backbone {name!r} is a test architecture without pretrained weights; expected "
                 "weights='random' or a checkpoint path"
             )
@@ -149,14 +147,14 @@ def load_backbone_model(name: str, weights: str = "pretrained") -> nn.Module:
         model = _create(spec, source)
     except (OSError, RuntimeError) as err:
         if source == "pretrained":
-            raise WeightsUnavailableError(
+            raise WeightsNotFoundError(
                 f"pretrained weights of {name!r} ({spec.arch}) could not be loaded: "
                 f"{type(err).__name__}: {err}\nOn a machine with network run\n    {spec.download}\n"
                 "and copy the Hugging Face cache (~/.cache/huggingface/hub, or $HF_HOME/hub) to "
                 "this machine, or pass weights=/path/to/checkpoint. (HF_HUB_OFFLINE=1 skips the "
                 "network retries on machines without network.)"
             ) from err
-        raise WeightsUnavailableError(
+        raise WeightsNotFoundError(
             f"checkpoint {str(source)!r} could not be loaded into backbone {name!r} "
             f"({spec.library} {spec.arch}): {err}"
         ) from err
