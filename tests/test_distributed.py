@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from cli_runs import DDP2, eval_ok, metrics, records_per_rank, sdzero, sdzero_env
 from wandb_offline import logged_values
 
 from sdzero.records import read_records
@@ -20,20 +21,6 @@ COMMON = [
     "logger=none",
     "trainer.enable_progress_bar=false",
 ]
-TIMING = {"seconds_per_pair", "seconds_per_image"}
-
-
-def _sdzero(*args, env=None, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", **(env or {})}
-    env.pop("SDZERO_RUN_DIR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "sdzero.cli", *args], env=env, capture_output=True, text=True, **kw
-    )
-
-
-def _metrics(run_dir):
-    m = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in m.items() if k not in TIMING}
 
 
 def _records(run_dir):
@@ -47,27 +34,15 @@ def _records(run_dir):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "run"
-    res = _sdzero("eval", "demo_correspondence", f"output_dir={out}", *COMMON, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    eval_ok("demo_correspondence", out, *COMMON)
     return out
 
 
 def test_two_processes_evaluate_every_sample_once(reference, tmp_path):
     out = tmp_path / "ddp"
-    res = _sdzero(
-        "eval",
-        "demo_correspondence",
-        f"output_dir={out}",
-        *COMMON,
-        "trainer.strategy=ddp",
-        "trainer.devices=2",
-        "trainer.accelerator=cpu",
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    per_rank = {p.name: len(list(read_records(p))) for p in (out / "predictions").glob("*.jsonl")}
-    assert per_rank == {"rank0.jsonl": 2, "rank1.jsonl": 1}  # no padding repeats
-    assert _metrics(out) == _metrics(reference)
+    res = eval_ok("demo_correspondence", out, *COMMON, *DDP2)
+    assert records_per_rank(out) == {"rank0.jsonl": 2, "rank1.jsonl": 1}  # no padding repeats
+    assert metrics(out) == metrics(reference)
     ref = _records(reference)
     got = _records(out)
     assert sorted(got) == [0, 1, 2]
@@ -77,8 +52,7 @@ def test_two_processes_evaluate_every_sample_once(reference, tmp_path):
 
 def test_sigkill_then_resume_ends_with_the_uninterrupted_metrics(reference, tmp_path):
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    env.pop("SDZERO_RUN_DIR", None)
+    env = sdzero_env()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -105,22 +79,22 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_metrics(reference, tmp_
     if len(finished) < 3:  # a record cut off by the kill: detected, redone, never counted
         with open(records, "a") as f:
             f.write('{"index": 2, "id": "torn", "pred_k')
-    res = _sdzero("eval", "demo_correspondence", f"resume={out}", *COMMON, timeout=600)
+    res = sdzero("eval", "demo_correspondence", f"resume={out}", *COMMON, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = records.read_text().splitlines()
     assert all(line.endswith("}") for line in lines)  # the torn tail was cut before appending
     assert len(lines) == 3  # the finished samples were not recomputed
     assert f"{3 - len(finished)} samples evaluated" in res.stderr
-    assert _metrics(out) == _metrics(reference)
+    assert metrics(out) == metrics(reference)
 
 
 def test_fresh_run_refuses_a_folder_with_records(reference):
-    res = _sdzero("eval", "demo_correspondence", f"output_dir={reference}", *COMMON, timeout=300)
+    res = sdzero("eval", "demo_correspondence", f"output_dir={reference}", *COMMON, timeout=300)
     assert res.returncode == 2 and "already holds prediction records" in res.stderr
 
 
 def test_resume_with_other_settings_is_refused(reference):
-    res = _sdzero(
+    res = sdzero(
         "eval", "demo_correspondence", f"resume={reference}", "seed=9", *COMMON, timeout=300
     )
     assert res.returncode == 2 and "different 'seed'" in res.stderr
@@ -129,7 +103,7 @@ def test_resume_with_other_settings_is_refused(reference):
 def test_offline_wandb_run_holds_the_final_metrics(tmp_path):
     out = tmp_path / "wb"
     args = [a for a in COMMON if not a.startswith("logger")] + ["logger=wandb", "data.num_pairs=1"]
-    res = _sdzero(
+    res = sdzero(
         "eval",
         "demo_correspondence",
         f"output_dir={out}",
@@ -138,9 +112,9 @@ def test_offline_wandb_run_holds_the_final_metrics(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    final = json.loads((out / "metrics.json").read_text())
     logged = logged_values(out)
-    for alpha, value in metrics["pck"].items():
+    for alpha, value in final["pck"].items():
         assert float(logged[f"pck/{alpha}"]) == pytest.approx(value)
     assert logged["per_category/_type"] == '"table-file"'
     assert logged["visuals/_type"] == '"images/separated"'

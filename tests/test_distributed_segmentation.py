@@ -6,50 +6,32 @@ import subprocess
 import sys
 
 import pytest
-from test_distributed import TIMING, _sdzero
+from cli_runs import DDP2, eval_ok, metrics, records_per_rank, sdzero
 from wandb_offline import artifact_types, logged_values
 
 from datamodules.synthetic_segmentation import write_synthetic_voc
-from sdzero.records import read_records
 
 COMMON = ["data.num_images=5", "logger=none", "trainer.enable_progress_bar=false"]  # odd count
-
-
-def _metrics(run_dir):
-    m = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in m.items() if k not in TIMING}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("seg1") / "run"
-    res = _sdzero("eval", "demo_segmentation", f"output_dir={out}", *COMMON, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    eval_ok("demo_segmentation", out, *COMMON)
     return out
 
 
 def test_two_processes_give_the_one_process_metrics(reference, tmp_path):
     out = tmp_path / "ddp"
-    res = _sdzero(
-        "eval",
-        "demo_segmentation",
-        f"output_dir={out}",
-        *COMMON,
-        "trainer.strategy=ddp",
-        "trainer.devices=2",
-        "trainer.accelerator=cpu",
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    counts = {p.name: len(list(read_records(p))) for p in (out / "predictions").glob("*.jsonl")}
-    assert counts == {"rank0.jsonl": 3, "rank1.jsonl": 2}
-    assert _metrics(out) == _metrics(reference)
-    assert _metrics(out)["num_images"] == 5
+    eval_ok("demo_segmentation", out, *COMMON, *DDP2)
+    assert records_per_rank(out) == {"rank0.jsonl": 3, "rank1.jsonl": 2}
+    assert metrics(out) == metrics(reference)
+    assert metrics(out)["num_images"] == 5
 
 
 def test_resume_redoes_only_the_missing_images(reference, tmp_path):
     out = tmp_path / "resumed"
-    res = _sdzero("eval", "demo_segmentation", f"output_dir={out}", *COMMON, timeout=600)
+    res = sdzero("eval", "demo_segmentation", f"output_dir={out}", *COMMON, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     records = out / "predictions" / "rank0.jsonl"
     lines = records.read_text().splitlines()
@@ -57,10 +39,10 @@ def test_resume_redoes_only_the_missing_images(reference, tmp_path):
     records.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])  # torn line
     (out / "predictions" / lost[-1]["mask"]).unlink()
     (out / "metrics.json").unlink()
-    res = _sdzero("eval", "demo_segmentation", f"resume={out}", *COMMON, timeout=600)
+    res = sdzero("eval", "demo_segmentation", f"resume={out}", *COMMON, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "2 samples evaluated" in res.stderr and "3 reused from records" in res.stderr
-    assert _metrics(out) == _metrics(reference)
+    assert metrics(out) == metrics(reference)
 
 
 def test_concurrent_prototype_builds_leave_a_valid_cache(tmp_path):
@@ -112,7 +94,7 @@ def test_concurrent_prototype_builds_leave_a_valid_cache(tmp_path):
 def test_offline_wandb_logs_miou_tables_and_the_prototype_artifact(tmp_path):
     out = tmp_path / "wb"
     args = [a for a in COMMON if not a.startswith("logger")] + ["data.num_images=2"]
-    res = _sdzero(
+    res = sdzero(
         "eval",
         "demo_segmentation",
         f"output_dir={out}",
@@ -123,8 +105,8 @@ def test_offline_wandb_logs_miou_tables_and_the_prototype_artifact(tmp_path):
         timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+    final = json.loads((out / "metrics.json").read_text())
     logged = logged_values(out)
-    assert float(logged["miou"]) == pytest.approx(metrics["miou"])
+    assert float(logged["miou"]) == pytest.approx(final["miou"])
     assert logged["per_class_iou/_type"] == '"table-file"'
     assert "prototypes" in artifact_types(out)
