@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from datamodules.base import SegmentationItem, find_dataset_root
-from datamodules.voc import (
+from datamodules.base import (
     LabeledSegmentationDataset,
     LabelSpace,
     SegmentationDataModule,
+    SegmentationItem,
     check_files_exist,
+    find_dataset_root,
     read_class_names,
 )
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from functools import cache
 
-from datamodules.voc import LabelSpace, VOCDataModule, VOCDataset, read_class_names
+from datamodules.base import LabelSpace, read_class_names
+from datamodules.voc import VOCDataModule, VOCDataset
 
 CONTEXT_LAYOUT = """\
 VOCdevkit/VOC2010/

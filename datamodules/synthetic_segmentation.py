@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.voc import LabelSpace, SegmentationDataModule, VOCDataset
+from datamodules.base import LabelSpace, SegmentationDataModule
+from datamodules.voc import VOCDataset
 
 MARKER = "sdzero_synthetic.json"
 FORMAT_VERSION = 1
