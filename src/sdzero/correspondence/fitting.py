@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sdzero.backbones.attention import AttentionCapture
+from sdzero.backbones.attention import AttentionCapture, resolve_layers
 from sdzero.backbones.sd import sample_noise
 from sdzero.correspondence.crops import (
     corner_crops,
@@ -206,7 +206,7 @@ class PromptCorrespondence:
         """
         b, s = cond.shape[0], self.size
         corners = corner_crops(s, self.crop)
-        n_layers = len(AttentionCapture(self.sd.unet, self.cfg.layers).layers)
+        n_layers = len(resolve_layers(self.sd.unet, self.cfg.layers))
         total = torch.zeros(b, n_layers, s, s, device=self.device)
         count = torch.zeros(b, 1, s, s, device=self.device)
         corner_latents: dict[Box, torch.Tensor] = {}
