@@ -84,7 +84,12 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {name:18s} {describe_source(node.weights, node.arch)}")
     print("datasets (data=<name>, data.root=...):")
     for name in available("data"):
-        print(f"  {name}")
+        node = OmegaConf.load(config_dir() / "data" / f"{name}.yaml")
+        if OmegaConf.is_missing(node, "root"):
+            where = "needs data.root=<the unpacked dataset>"
+        else:
+            where = "generated on the fly (data.root=null: a temporary folder)"
+        print(f"  {name:24s} {where}; {node._target_}")
     print("experiments (sdzero eval <name>):")
     for name in available("experiment"):
         print(f"  {name}")
