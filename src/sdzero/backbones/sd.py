@@ -228,7 +228,7 @@ def load_stable_diffusion(
     """
     kind, location = _classify(weights)
     spec = get_architecture(arch) if arch is not None else None
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     if kind == "missing":
         raise WeightsNotFoundError(
             f"backbone weights {weights!r}: no such file or folder, and not a Hugging Face hub id "
@@ -300,13 +300,15 @@ def _classify(weights: str | None) -> tuple[str, str]:
     return "missing", text
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def as_dtype(dtype: torch.dtype | str, key: str = "dtype") -> torch.dtype:
+    """A float dtype from its name (``"float32"``, ``"float16"``, ``"bfloat16"``) or itself;
+    ``key`` names the setting in the error message."""
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(
-        f"dtype must be one of {list(_DTYPES)} (or a torch float dtype); got {dtype!r}"
+        f"{key} must be one of {list(_DTYPES)} (or a torch float dtype); got {dtype!r}"
     )
 
 

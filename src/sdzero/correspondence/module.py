@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from sdzero.backbones.sd import load_stable_diffusion
+from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
 from sdzero.correspondence.frames import ModelFrame
 from sdzero.evaluation import EvaluationModule
@@ -16,7 +16,6 @@ from sdzero.metrics.pck import PCK, threshold_size
 
 PCK_FRAMES = ("original", "resized")
 XSCALE = "bbox-target-xscale"  # the official CUB threshold, see the class docstring
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class PromptCorrespondenceModule(EvaluationModule):
@@ -80,10 +79,7 @@ class PromptCorrespondenceModule(EvaluationModule):
         if pck_frame not in PCK_FRAMES:
             raise ValueError(f"method.pck_frame must be one of {PCK_FRAMES}, got {pck_frame!r}")
         ModelFrame(1, 1, image_size, resize)  # validates method.resize
-        if backbone.get("dtype", "float32") not in _DTYPES:
-            raise ValueError(
-                f"backbone.dtype must be one of {list(_DTYPES)}, got {backbone['dtype']!r}"
-            )
+        self.backbone_dtype = as_dtype(backbone.get("dtype", "float32"), "backbone.dtype")
         self.backbone_cfg = dict(backbone)
         self.resize = resize
         self.pck_frame = pck_frame
@@ -99,9 +95,7 @@ class PromptCorrespondenceModule(EvaluationModule):
     def setup(self, stage: str) -> None:
         if self.sd is None:
             cfg = self.backbone_cfg
-            self.sd = load_stable_diffusion(
-                cfg["weights"], cfg["arch"], dtype=_DTYPES[cfg.get("dtype", "float32")]
-            )
+            self.sd = load_stable_diffusion(cfg["weights"], cfg["arch"], dtype=self.backbone_dtype)
             self.random_weights = bool(self.sd.random_weights)
             self.method = PromptCorrespondence(self.sd, self.fit_cfg)
 
