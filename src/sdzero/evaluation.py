@@ -82,11 +82,6 @@ class EvaluationModule(pl.LightningModule):
             if self._done and self.global_rank == 0:
                 log.info("resuming: %d finished samples found in %s", len(self._done), self.run_dir)
 
-    @property
-    def num_evaluated(self) -> int:
-        """Samples this rank evaluated in this run (not reused from earlier records)."""
-        return self._count
-
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         done = self._done.get(int(batch["index"]))
         if done is not None:  # finished before an interruption: count it, do not redo it
