@@ -138,6 +138,14 @@ def log_folder_artifact(logger: Any, folder: Path, kind: str) -> None:
     logger.experiment.log_artifact(artifact)
 
 
+def build_method(cfg: DictConfig, **extra: Any) -> pl.LightningModule:
+    """The method module of a composed config, given its backbone group and the run seed;
+    ``extra`` sets further constructor arguments (``run_dir``, or ``method.*`` keys)."""
+    return instantiate(
+        cfg.method, key="method", backbone=_plain(cfg.backbone), seed=int(cfg.seed), **extra
+    )
+
+
 def build_trainer(cfg: DictConfig, logger: Any) -> pl.Trainer:
     """A Trainer for evaluation: ``inference_mode=False`` so methods may optimise in ``test_step``."""
     kwargs = _plain(cfg.trainer)
@@ -161,14 +169,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         save_config(cfg, run_dir / "config.yaml")
         datamodule = instantiate(cfg.data, key="data")
         datamodule.setup("test")  # reads and validates the annotation files before any model
-        module = instantiate(
-            cfg.method,
-            key="method",
-            backbone=_plain(cfg.backbone),
-            run_dir=str(run_dir),
-            visuals=cfg.visuals,
-            seed=int(cfg.seed),
-        )
+        module = build_method(cfg, run_dir=str(run_dir), visuals=cfg.visuals)
         logger = build_logger(cfg, run_dir)
         trainer = build_trainer(cfg, logger)
         trainer.test(module, datamodule=datamodule, verbose=False)

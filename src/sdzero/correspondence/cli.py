@@ -27,15 +27,13 @@ def match_images(
     predictions in target pixels.
     """
     from datamodules.base import load_rgb
-    from sdzero.config import compose, instantiate
-    from sdzero.runs import _plain
+    from sdzero.config import compose
+    from sdzero.runs import build_method
 
     if not points:
         raise ValueError("give at least one query point: --points X,Y [X,Y ...]")
     cfg = compose(None, ["data=synthetic_correspondence", *overrides])
-    module = instantiate(
-        cfg.method, key="method", backbone=_plain(cfg.backbone), seed=int(cfg.seed)
-    )
+    module = build_method(cfg)
     src_img, trg_img = load_rgb(src), load_rgb(trg)  # validate the files before loading the model
     module.setup("test")
     pred = module.predict_pair(src_img, trg_img, torch.tensor(points, dtype=torch.float32))

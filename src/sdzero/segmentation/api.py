@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sdzero.config import compose, instantiate
+from sdzero.config import compose
 from sdzero.records import write_bytes_atomic
+from sdzero.runs import build_method
 from sdzero.segmentation.explain import explain_pixel, render_explanation
 from sdzero.segmentation.module import OVDiffModule, png_bytes
 
@@ -43,8 +44,7 @@ def compose_method(overrides: Sequence[str] = ()) -> DictConfig:
 
 def load_method(cfg: DictConfig, **method_overrides: Any) -> OVDiffModule:
     """The OVDiff module of ``cfg`` (no run folder), on the GPU when the trainer config allows one."""
-    node = OmegaConf.merge(cfg.method, method_overrides)
-    module = instantiate(node, key="method", backbone=OmegaConf.to_container(cfg.backbone))
+    module = build_method(cfg, **method_overrides)
     gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return module.to("cuda" if gpu else "cpu")
 
