@@ -136,8 +136,12 @@ class _CaptureProcessor:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
 
         query = attn.to_q(hidden_states)
-        owner._record_hw(self.name, n_query)
-        if owner.queries:
+        # Outside a capture call (gradient checkpointing recomputing this block in backward) the
+        # layer computes as usual: nothing is emitted and the pass is not cut.
+        live = owner._inside or owner.callback is not None
+        if live:
+            owner._record_hw(self.name, n_query)
+        if owner.queries and live:
             owner._emit(self.name, "queries", query)
         if owner.probs:
             q = attn.head_to_batch_dim(query)
@@ -145,8 +149,9 @@ class _CaptureProcessor:
             probs = attn.get_attention_scores(q, k, attention_mask)  # (B*heads, N, T)
             probs = probs.view(batch, attn.heads, n_query, -1)
             read = probs if owner.heads is None else probs[:, owner.heads]
-            owner._emit(self.name, "probs", read)
-        if self.last and owner.truncate:
+            if live:
+                owner._emit(self.name, "probs", read)
+        if self.last and owner.truncate and owner._inside:
             raise _StopForward
         value = attn.to_v(context)
         if owner.probs:
@@ -187,7 +192,12 @@ class AttentionCapture:
     :param heads: head indices to keep (``None`` = all); Hedlin et al.'s official code reads heads 4–7.
     :param truncate: stop the UNet after the last read layer (its output is then not returned).
     :param callback: called as ``callback(path, kind, tensor)`` for every capture (e.g. to accumulate
-        maps over sampling steps) instead of storing them.
+        maps over sampling steps) instead of storing them. Without a callback, only UNet passes run
+        through the capture's ``__call__`` are recorded; with one, direct UNet calls (a pipeline's) too.
+
+    Gradient checkpointing (``unet.enable_gradient_checkpointing()``) works with truncation as long
+    as the capture stays entered until ``backward`` has run: a recomputed block neither records nor
+    stops.
     """
 
     def __init__(
@@ -213,6 +223,7 @@ class AttentionCapture:
         self._saved: dict[str, object] | None = None
         self._current = Captured()
         self._latent_hw: tuple[int, int] | None = None
+        self._inside = False  # within __call__ (not a checkpoint recomputation during backward)
         if self.heads is not None:
             n_heads = {self.unet.get_submodule(p).heads for p in self.layers}
             bad = [h for h in self.heads if not all(-n <= h < n for n in n_heads)]
@@ -268,6 +279,7 @@ class AttentionCapture:
             )
         self._current = Captured()
         self._latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        self._inside = True
         try:
             with contextlib.suppress(_StopForward):
                 out = self.unet(
@@ -276,6 +288,7 @@ class AttentionCapture:
                 self._current.output = out.sample
         finally:
             self._latent_hw = None
+            self._inside = False
         captured, self._current = self._current, Captured()
         return captured
 

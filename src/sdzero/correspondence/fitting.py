@@ -20,8 +20,9 @@ noise as arguments so another implementation can be fed identical inputs and com
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from sdzero.correspondence.crops import (
 )
 
 Box = tuple[int, int, int]
+AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,13 @@ class FitConfig:
     token: int = 1
     batch_size: int = 0  # items per UNet call; 0 = all (query points × embeddings) of a pair
     truncate: bool = True  # stop the UNet after the last read layer (exact: same maps, same grads)
+    cache_latents: bool = True  # encode each distinct crop of an image once (exact)
+    # Options beyond exact (off by default; their measured effects are in the README):
+    autocast: str | None = None  # "bf16" | "fp16": UNet and VAE under torch.autocast
+    checkpointing: bool = False  # gradient checkpointing of the UNet blocks (memory for time)
+    shared_crop: bool = False  # one crop per step for all restarts of a query point
+    early_stop_patience: int = 0  # > 0: an item stops after this many steps without improvement
+    early_stop_delta: float = 0.01  # relative improvement of the loss EMA that resets patience
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.num_embeddings < 1 or self.inference_crops < 1:
@@ -76,6 +85,15 @@ class FitConfig:
             raise ValueError(f"method.noise must be 'uniform' or 'gaussian', got {self.noise!r}")
         if not 0 < self.crop_margin < 0.5:
             raise ValueError(f"method.crop_margin must lie in (0, 0.5), got {self.crop_margin}")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(
+                f"method.autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}"
+            )
+        if self.early_stop_patience < 0 or not 0 <= self.early_stop_delta < 1:
+            raise ValueError(
+                "method.early_stop_patience must be >= 0 and method.early_stop_delta in [0, 1), "
+                f"got {self.early_stop_patience}, {self.early_stop_delta}"
+            )
         crop_size(self.image_size, self.crop_fraction)
 
 
@@ -94,6 +112,67 @@ def item_generator(seed: int, sample_index: int, point: int, embedding: int) -> 
     return torch.Generator().manual_seed(value)
 
 
+class LatentCache:
+    """VAE latents of square crops of one image, each distinct box encoded once.
+
+    Exact: the encoder is deterministic (posterior mean), so a cached latent is the one a fresh
+    encode would give (up to batch-size-dependent float rounding). The four corner crops of a target
+    are shared by every item, and the crops of the source recur across steps, restarts and query
+    points (at 512 px there are at most 36² distinct crop offsets).
+    """
+
+    def __init__(self, encode: Callable[[list[Box]], torch.Tensor], enabled: bool = True) -> None:
+        self.encode = encode
+        self.enabled = enabled
+        self.store: dict[Box, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, boxes: Sequence[Box]) -> torch.Tensor:
+        """``(len(boxes), 4, S/8, S/8)``; the missing distinct boxes are encoded in one batch.
+        Disabled, nothing is kept between calls (a box repeated within one call is still encoded
+        once)."""
+        if not self.enabled:
+            self.store = {}
+        missing = list(dict.fromkeys(b for b in boxes if b not in self.store))
+        if missing:
+            for box, latent in zip(missing, self.encode(missing), strict=True):
+                self.store[box] = latent
+        self.misses += len(missing)
+        self.hits += len(boxes) - len(missing)
+        return torch.stack([self.store[b] for b in boxes])
+
+
+class EarlyStop:
+    """Per-item early stopping on a noisy loss: an exponential moving average (0.9) of each item's
+    loss; an item stops after ``patience`` consecutive steps in which the EMA did not fall below
+    ``(1 - delta)`` times the EMA of its last significant improvement."""
+
+    def __init__(self, items: int, patience: int, delta: float) -> None:
+        self.patience = patience
+        self.delta = delta
+        self.ema = torch.full((items,), float("nan"))
+        self.best = torch.full((items,), float("inf"))
+        self.stale = torch.zeros(items, dtype=torch.long)
+        self.steps = torch.zeros(items, dtype=torch.long)
+
+    def active(self) -> list[int]:
+        if self.patience == 0:
+            return list(range(len(self.stale)))
+        return torch.nonzero(self.stale < self.patience).flatten().tolist()
+
+    def update(self, items: Sequence[int], losses: torch.Tensor) -> None:
+        idx = torch.as_tensor(list(items), dtype=torch.long)
+        loss = losses.detach().float().cpu()
+        prev = self.ema[idx]
+        ema = torch.where(prev.isnan(), loss, 0.9 * prev + 0.1 * loss)
+        self.ema[idx] = ema
+        improved = ema < self.best[idx] * (1 - self.delta)
+        self.best[idx] = torch.where(improved, ema, self.best[idx])
+        self.stale[idx] = torch.where(improved, 0, self.stale[idx] + 1)
+        self.steps[idx] += 1
+
+
 class PromptCorrespondence:
     """The method on a loaded :class:`~sdzero.backbones.sd.StableDiffusion` (frozen)."""
 
@@ -104,17 +183,47 @@ class PromptCorrespondence:
         self.crop = crop_size(cfg.image_size, cfg.crop_fraction)
         self.sigma = cfg.sigma * cfg.image_size / 512
         self.cond_shape = (77, int(sd.unet.config.cross_attention_dim))
+        self.steps_taken: torch.Tensor | None = None  # (B,) optimisation steps of the last fit
+        self._cap: AttentionCapture | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.sd.unet.parameters()).device
 
     # ------------------------------------------------------------------ one UNet evaluation
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[AttentionCapture]:
+        """Keep the capture processors installed (across steps, and until backward has run, which
+        gradient checkpointing needs); nested uses share one capture."""
+        if self._cap is not None:
+            yield self._cap
+            return
+        with AttentionCapture(
+            self.sd.unet, self.cfg.layers, heads=self.cfg.heads, truncate=self.cfg.truncate
+        ) as cap:
+            self._cap = cap
+            try:
+                yield cap
+            finally:
+                self._cap = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = AUTOCAST[self.cfg.autocast]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
     def encode_crops(self, images: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
         """VAE latents ``(B, 4, S/8, S/8)`` of the crops (posterior mean), no gradient."""
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             crops = cut_and_resize(images, list(boxes), self.size)
             return self.sd.encode_images(crops.to(self.device, self.sd.vae.dtype))
+
+    def latent_cache(self, image: torch.Tensor) -> LatentCache:
+        """A :class:`LatentCache` of crops of ``image`` ``(1, 3, S, S)``."""
+        return LatentCache(
+            lambda boxes: self.encode_crops(image, boxes), enabled=self.cfg.cache_latents
+        )
 
     def step_maps(
         self,
@@ -129,22 +238,18 @@ class PromptCorrespondence:
         :param latents: ``(B, 4, h, w)`` clean latents of the crops.
         :param noise: ``(B, 4, h, w)`` the noise draw (uniform or Gaussian, as configured).
         :param cond: ``(B, 77, D)`` conditioning tensors.
-        :return: ``(B, L, out, out)``: per read layer, the head-mean attention map of ``token``,
-            bilinearly upsampled (align_corners=False) to ``out_size`` (default S).
+        :return: ``(B, L, out, out)`` float32: per read layer, the head-mean attention map of
+            ``token``, bilinearly upsampled (align_corners=False) to ``out_size`` (default S).
         """
         out = out_size or self.size
         noisy = self.sd.add_noise(latents, timestep, noise)
-        with AttentionCapture(
-            self.sd.unet, self.cfg.layers, heads=self.cfg.heads, truncate=self.cfg.truncate
-        ) as cap:
+        with self.capturing() as cap, self.autocast():
             got = cap(noisy, timestep, cond.to(noisy.dtype))
         maps = []
         for layer in cap.layers:
             h, w = got.hw[layer]
-            m = got.probs[layer][..., self.cfg.token].mean(1).reshape(-1, 1, h, w)
-            maps.append(
-                F.interpolate(m.float(), size=(out, out), mode="bilinear", align_corners=False)
-            )
+            m = got.probs[layer][..., self.cfg.token].float().mean(1).reshape(-1, 1, h, w)
+            maps.append(F.interpolate(m, size=(out, out), mode="bilinear", align_corners=False))
         return torch.cat(maps, dim=1)
 
     def draw_noise(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -159,79 +264,134 @@ class PromptCorrespondence:
         return ((maps - targets[:, None]) ** 2).mean(dim=(1, 2, 3))
 
     # ------------------------------------------------------------------------- optimisation
+    def draw_boxes(
+        self,
+        points: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        groups: Sequence[int] | None = None,
+    ) -> list[Box]:
+        """One random crop around each point; with ``groups`` (``shared_crop``) the first item of a
+        group draws the crop for the whole group."""
+        boxes: list[Box] = []
+        drawn: dict[int, Box] = {}
+        for i, (p, g) in enumerate(zip(points, generators, strict=True)):
+            group = None if groups is None else groups[i]
+            if group is None or group not in drawn:
+                box = random_crop_around(
+                    tuple(p.tolist()), self.size, self.crop, self.cfg.crop_margin, g
+                )
+                if group is not None:
+                    drawn[group] = box
+            boxes.append(box if group is None else drawn[group])
+        return boxes
+
+    def _set_checkpointing(self) -> None:
+        unet = self.sd.unet
+        if self.cfg.checkpointing:
+            unet.enable_gradient_checkpointing()
+        elif getattr(unet, "is_gradient_checkpointing", False):
+            unet.disable_gradient_checkpointing()
+
     def optimise(
-        self, source: torch.Tensor, points: torch.Tensor, generators: Sequence[torch.Generator]
+        self,
+        source: torch.Tensor,
+        points: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        groups: Sequence[int] | None = None,
+        latents: LatentCache | None = None,
     ) -> torch.Tensor:
         """Fit one conditioning tensor per item.
 
         :param source: ``(1, 3, S, S)`` source image in [0, 1], model frame.
         :param points: ``(B, 2)`` the query point of each item, model frame.
         :param generators: one per item (initialisation, crops and noise are drawn from it).
-        :return: ``(B, 77, D)`` fitted conditioning tensors (detached).
+        :param groups: the query point of each item; used by ``shared_crop`` only.
+        :param latents: a :meth:`latent_cache` of ``source`` to share across calls.
+        :return: ``(B, 77, D)`` fitted conditioning tensors (detached). ``steps_taken`` ``(B,)``
+            holds each item's number of steps (< ``steps`` only with early stopping).
         """
+        b = len(generators)
+        cache = latents or self.latent_cache(source)
+        share = groups if self.cfg.shared_crop else None
         cond = torch.stack([torch.randn(self.cond_shape, generator=g) for g in generators])
         cond = cond.to(self.device).requires_grad_(True)
         optimiser = torch.optim.Adam([cond], lr=self.cfg.lr)
-        with torch.enable_grad():  # Lightning evaluates under no_grad
+        scaler = torch.amp.GradScaler(self.device.type) if self.cfg.autocast == "fp16" else None
+        stopper = EarlyStop(b, self.cfg.early_stop_patience, self.cfg.early_stop_delta)
+        self._set_checkpointing()
+        with torch.enable_grad(), self.capturing():  # Lightning evaluates under no_grad
             for _ in range(self.cfg.steps):
-                boxes = [
-                    random_crop_around(
-                        tuple(p.tolist()), self.size, self.crop, self.cfg.crop_margin, g
-                    )
-                    for p, g in zip(points, generators, strict=True)
-                ]
-                noise = self.draw_noise(generators)
-                latents = self.encode_crops(source, boxes)
+                items = stopper.active()
+                if not items:
+                    break
+                gens = [generators[i] for i in items]
+                pts = points[items]
+                boxes = self.draw_boxes(
+                    pts, gens, None if share is None else [share[i] for i in items]
+                )
+                noise = self.draw_noise(gens)
+                lat = cache(boxes)
                 targets = torch.stack(
-                    [to_crop_frame(p, b, self.size) for p, b in zip(points, boxes, strict=True)]
+                    [to_crop_frame(p, box, self.size) for p, box in zip(pts, boxes, strict=True)]
                 )
                 targets = gaussian_targets(targets.to(self.device), self.size, self.sigma)
                 optimiser.zero_grad(set_to_none=True)
+                frozen = None if len(items) == b else cond.detach().clone()
+                part = cond if frozen is None else cond[items]
                 loss = self.step_loss(
-                    self.step_maps(latents, noise, cond, self.cfg.opt_timestep), targets
+                    self.step_maps(lat, noise, part, self.cfg.opt_timestep), targets
                 )
-                loss.sum().backward()  # a sum keeps each item's gradient its own
-                optimiser.step()
+                if scaler is None:
+                    loss.sum().backward()  # a sum keeps each item's gradient its own
+                    optimiser.step()
+                else:
+                    scaler.scale(loss.sum()).backward()
+                    scaler.step(optimiser)
+                    scaler.update()
+                if frozen is not None:  # Adam's momentum must not move stopped items
+                    with torch.no_grad():
+                        keep = torch.ones(b, dtype=torch.bool)
+                        keep[items] = False
+                        cond[keep] = frozen[keep]
+                stopper.update(items, loss)
+        self.steps_taken = stopper.steps
         return cond.detach()
 
     # ---------------------------------------------------------------------------- inference
     def infer(
-        self, target: torch.Tensor, cond: torch.Tensor, generators: Sequence[torch.Generator]
+        self,
+        target: torch.Tensor,
+        cond: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        latents: LatentCache | None = None,
     ) -> torch.Tensor:
         """Apply fitted tensors to the target over the inference crops.
 
         :param target: ``(1, 3, S, S)`` target image in [0, 1], model frame.
         :param cond: ``(B, 77, D)``.
+        :param latents: a :meth:`latent_cache` of ``target`` to share across calls.
         :return: ``(B, L, S, S)`` per-layer maps on the model frame (sum/count canvas).
         """
         b, s = cond.shape[0], self.size
+        cache = latents or self.latent_cache(target)
         corners = corner_crops(s, self.crop)
         n_layers = len(resolve_layers(self.sd.unet, self.cfg.layers))
         total = torch.zeros(b, n_layers, s, s, device=self.device)
         count = torch.zeros(b, 1, s, s, device=self.device)
-        corner_latents: dict[Box, torch.Tensor] = {}
-        with torch.no_grad():
+        with torch.no_grad(), self.capturing():
             for k in range(self.cfg.inference_crops):
                 if k < 4:
-                    box = corners[k]
-                    if box not in corner_latents:  # shared by every item
-                        corner_latents[box] = self.encode_crops(target, [box])
-                    boxes = [box] * b
-                    latents = corner_latents[box].expand(b, -1, -1, -1)
+                    boxes = [corners[k]] * b  # shared by every item: encoded once
                 else:
                     mean = (total.mean(1, keepdim=True) / count.clamp_min(1)).masked_fill(
                         count == 0, -1
                     )
                     flat = mean.flatten(1).argmax(1)
                     peaks = torch.stack([flat % s, flat // s], 1).float().cpu() + 0.5
-                    boxes = [
-                        random_crop_around(tuple(p.tolist()), s, self.crop, self.cfg.crop_margin, g)
-                        for p, g in zip(peaks, generators, strict=True)
-                    ]
-                    latents = self.encode_crops(target, boxes)
+                    boxes = self.draw_boxes(peaks, generators)
                 noise = self.draw_noise(generators)
                 maps = self.step_maps(
-                    latents, noise, cond, self.cfg.infer_timestep, out_size=self.crop
+                    cache(boxes), noise, cond, self.cfg.infer_timestep, out_size=self.crop
                 )
                 for i, (x0, y0, size) in enumerate(boxes):
                     total[i, :, y0 : y0 + size, x0 : x0 + size] += maps[i]
@@ -265,12 +425,17 @@ class PromptCorrespondence:
         n, e = points.shape[0], self.cfg.num_embeddings
         items = [(p, j) for p in range(n) for j in range(e)]
         chunk = self.cfg.batch_size or len(items)
+        src_latents, trg_latents = self.latent_cache(source), self.latent_cache(target)
         maps = []
+        steps = []
         for start in range(0, len(items), chunk):
             part = items[start : start + chunk]
             gens = [item_generator(seed, index, p, j) for p, j in part]
             pts = points[[p for p, _ in part]].float()
-            cond = self.optimise(source, pts, gens)
-            maps.append(self.infer(target, cond, gens))
+            groups = [p for p, _ in part]
+            cond = self.optimise(source, pts, gens, groups=groups, latents=src_latents)
+            steps.append(self.steps_taken)
+            maps.append(self.infer(target, cond, gens, latents=trg_latents))
+        self.steps_taken = torch.cat(steps)
         stacked = torch.cat(maps).reshape(n, e, *maps[0].shape[1:])
         return self.readout(stacked)

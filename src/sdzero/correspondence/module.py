@@ -48,6 +48,12 @@ class PromptCorrespondenceModule(EvaluationModule):
         token: int = 1,
         batch_size: int = 0,
         truncate: bool = True,
+        cache_latents: bool = True,
+        autocast: str | None = None,
+        checkpointing: bool = False,
+        shared_crop: bool = False,
+        early_stop_patience: int = 0,
+        early_stop_delta: float = 0.01,
         resize: str = "stretch",
         pck_threshold: str = "bbox-target",
         pck_frame: str = "original",
@@ -75,6 +81,12 @@ class PromptCorrespondenceModule(EvaluationModule):
             token=token,
             batch_size=batch_size,
             truncate=truncate,
+            cache_latents=cache_latents,
+            autocast=autocast,
+            checkpointing=checkpointing,
+            shared_crop=shared_crop,
+            early_stop_patience=early_stop_patience,
+            early_stop_delta=early_stop_delta,
         )
         if pck_frame not in PCK_FRAMES:
             raise ValueError(f"method.pck_frame must be one of {PCK_FRAMES}, got {pck_frame!r}")
