@@ -1,93 +1,229 @@
-"""Speed of the correspondence fitting loop on the real SD 1.4 architecture (random weights).
+"""Speed of the correspondence fitting loop (SD-1.4 architecture, random weights) and the effect of
+the speed options on predictions (tiny backbone, synthetic pairs).
 
-Measures, at each resolution: one optimisation step (crop VAE encode + noised UNet forward to the
-read layers + backward) with the UNet truncated after the last read layer vs the full UNet, for one
-embedding and for a batch of 5 embeddings (the restarts of one query point), and one inference pass.
-The per-query-point figure combines them as the official defaults run: 129 steps x 5 embeddings +
-20 crops x 5 embeddings.
+Jobs (see ``benchmarks/run.py``):
 
-    python benchmarks/bench_correspondence.py --sizes 256 512
+- ``corr-<mode>-<px>``: one optimisation step for 1 embedding and for the 5 restarts of a query
+  point batched (each = VAE encode of the crops + noised UNet forward to the read layers +
+  backward + Adam), one inference pass (one crop), one VAE encode; then the time per query point
+  at the official defaults (129 steps x 5 restarts + 20 crops x 5 restarts). Modes: ``reference``
+  (full UNet, every crop encoded: the straightforward path), ``exact`` (the defaults: truncated UNet,
+  latent cache), ``bf16`` / ``fp16`` (autocast), ``checkpointing``.
+- ``corr-effect``: every option against exact mode on synthetic pairs with known answers.
 
-Numbers are wall-clock seconds on whatever machine runs it (CPU by default, --device cuda).
+Per query point, the VAE encodes are counted by replaying the real crop draws of a query point at
+the image centre through the latent cache (no sharing with other query points of the pair assumed,
+so the figure is conservative); the rest of a step is its measured time minus its encodes.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
+import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
+from benchmarks.common import Row, count_flops, synchronize, timed
 from sdzero.backbones.sd import load_stable_diffusion
 from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence, item_generator
 
-
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+STEPS, RESTARTS, CROPS = 129, 5, 20  # the official defaults
+MODES = {
+    "reference": dict(truncate=False, cache_latents=False),
+    "exact": {},
+    "bf16": dict(autocast="bf16"),
+    "fp16": dict(autocast="fp16"),
+    "checkpointing": dict(checkpointing=True),
+}
 
 
-def bench(size: int, repeats: int, device: str, sd) -> dict:
-    out = {"size": size}
+def _distinct_crops(pc: PromptCorrespondence, point: tuple[float, float], shared: bool) -> tuple:
+    """Distinct crops a query point's fit and inference encode, replaying the real draws."""
+    gens = [item_generator(0, 0, 0, j) for j in range(RESTARTS)]
+    pts = torch.tensor([point] * RESTARTS)
+    groups = [0] * RESTARTS if shared else None
+    opt = {box for _ in range(STEPS) for box in pc.draw_boxes(pts, gens, groups)}
+    inf = {box for _ in range(CROPS - 4) for box in pc.draw_boxes(pts, gens)}
+    return len(opt), len(inf) + 4
+
+
+def measure(size: int, mode: str, device: str, arch: str, repeats: int = 1) -> list[Row]:
+    """The component timings of one mode at one resolution, and the per-query-point total."""
+    sd = load_stable_diffusion(None, arch, device=device)
     image = torch.rand(1, 3, size, size, device=device)
-    for truncate in (True, False):
-        for batch in (1, 5):
-            cfg = FitConfig(image_size=size, steps=1, num_embeddings=batch, truncate=truncate)
-            pc = PromptCorrespondence(sd, cfg)
-            gens = [item_generator(0, 0, 0, j) for j in range(batch)]
-            points = torch.full((batch, 2), size / 2)
-            sec = _timed(
-                lambda pc=pc, gens=gens, points=points: pc.optimise(image, points, gens), repeats
+    rows = []
+    unit = f"{size} px"
+
+    def pc_for(**kw) -> PromptCorrespondence:
+        return PromptCorrespondence(sd, FitConfig(image_size=size, **MODES[mode], **kw))
+
+    def step(b: int, shared: bool = False) -> None:
+        pc = pc_for(steps=1, num_embeddings=b, shared_crop=shared)
+        gens = [item_generator(0, 0, 0, j) for j in range(b)]
+        pc.optimise(image, torch.full((b, 2), size / 2, device="cpu"), gens, groups=[0] * b)
+
+    def infer(b: int) -> None:
+        pc = pc_for(inference_crops=1, num_embeddings=b)
+        cond = torch.randn(b, 77, sd.unet.config.cross_attention_dim, device=device)
+        pc.infer(image, cond, [item_generator(0, 0, 0, j) for j in range(b)])
+
+    pc = pc_for()
+    t_vae = timed(lambda: pc.encode_crops(image, [(0, 0, pc.crop)]), device, repeats)
+    t_step1 = timed(partial(step, 1), device, repeats)
+    t_step5 = timed(partial(step, RESTARTS), device, repeats)
+    t_pass1 = timed(partial(infer, 1), device, repeats)
+    t_pass5 = timed(partial(infer, RESTARTS), device, repeats)
+    flops_step = count_flops(partial(step, 1))
+    flops_pass = count_flops(partial(infer, 1))
+    flops_vae = count_flops(lambda: pc.encode_crops(image, [(0, 0, pc.crop)]))
+    rows += [
+        Row("correspondence", f"VAE encode, one crop, {unit}", mode, t_vae, flops_vae),
+        Row("correspondence", f"optimisation step, 1 embedding, {unit}", mode, t_step1, flops_step),
+        Row(
+            "correspondence",
+            f"optimisation step, 5 restarts batched, {unit}",
+            mode,
+            t_step5,
+            5 * flops_step,
+            f"{t_step5 / RESTARTS:.2f} s per restart",
+        ),
+        Row("correspondence", f"inference pass, 1 embedding, {unit}", mode, t_pass1, flops_pass),
+        Row(
+            "correspondence",
+            f"inference pass, 5 restarts batched, {unit}",
+            mode,
+            t_pass5,
+            5 * flops_pass,
+        ),
+    ]
+    cached = pc.cfg.cache_latents
+    variants = [(1, t_step1, t_pass1), (RESTARTS, t_step5, t_pass5)]
+    totals = {}
+    for b, t_step, t_pass in variants:
+        n_opt, n_inf = _distinct_crops(pc, (size / 2, size / 2), shared=False)
+        if not cached:
+            n_opt, n_inf = STEPS * RESTARTS, CROPS * RESTARTS
+        unet_step, unet_pass = t_step - b * t_vae, t_pass - t_vae  # a pass encodes one corner
+        calls = RESTARTS // b
+        totals[b] = (
+            calls * (STEPS * unet_step + CROPS * unet_pass) + (n_opt + n_inf) * t_vae,
+            n_opt,
+            n_inf,
+        )
+    b = min(totals, key=lambda k: totals[k][0])
+    total, n_opt, n_inf = totals[b]
+    flops_point = RESTARTS * (STEPS * (flops_step - flops_vae) + CROPS * (flops_pass - flops_vae))
+    flops_point += (n_opt + n_inf) * flops_vae
+    rows.append(
+        Row(
+            "correspondence",
+            f"per query point, {unit}",
+            mode,
+            total,
+            flops_point,
+            f"{total / 60:.1f} min; restarts {'batched' if b > 1 else 'one at a time'}; "
+            f"{n_opt + n_inf} VAE encodes (of {(STEPS + CROPS) * RESTARTS})",
+        )
+    )
+    return rows
+
+
+def effect(device: str, quick: bool) -> list[Row]:
+    """Each option against exact mode on synthetic pairs (tiny backbone, 128 px, the target equal to
+    the source so the answer is known and reachable): PCK@0.1, mean distance to the exact-mode
+    predictions, seconds, mean steps taken."""
+    from datamodules.synthetic_correspondence import SyntheticSPairDataset, write_synthetic_spair
+    from sdzero.correspondence.module import PromptCorrespondenceModule
+
+    pairs, steps = (2, 8) if quick else (4, 60)
+    options = {
+        "exact": {},
+        "bf16": dict(autocast="bf16"),
+        "checkpointing": dict(checkpointing=True),
+        "shared crop": dict(shared_crop=True),
+        "early stop (patience 8)": dict(early_stop_patience=8, early_stop_delta=0.02),
+    }
+    if device.startswith("cuda"):
+        options["fp16"] = dict(autocast="fp16")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_synthetic_spair(
+            tmp + "/spair", num_pairs=pairs, image_size=128, kind="identical"
+        )
+        data = SyntheticSPairDataset(root, split="test")
+        results = {}
+        for name, kw in options.items():
+            module = PromptCorrespondenceModule(
+                backbone={"weights": None, "arch": "tiny"},
+                image_size=128,
+                steps=steps,
+                lr=0.2,
+                num_embeddings=3,
+                inference_crops=8,
+                **kw,
             )
-            out[f"step_{'trunc' if truncate else 'full'}_b{batch}"] = sec
-    cfg = FitConfig(image_size=size, inference_crops=1, num_embeddings=1)
-    pc = PromptCorrespondence(sd, cfg)
-    cond = torch.randn(1, 77, 768, device=device)
-    out["infer_pass"] = _timed(lambda: pc.infer(image, cond, [item_generator(0, 0, 0, 0)]), repeats)
-    e, steps, crops = 5, 129, 20
-    out["query_point_b1"] = steps * e * out["step_trunc_b1"] + crops * e * out["infer_pass"]
-    out["query_point_b5"] = steps * out["step_trunc_b5"] + crops * e * out["infer_pass"]
-    out["query_point_full_b1"] = steps * e * out["step_full_b1"] + crops * e * out["infer_pass"]
+            module.setup("test")
+            module.sd.unet.to(device)
+            module.sd.vae.to(device)
+            preds, correct, taken = [], [], []
+            t0 = time.perf_counter()
+            for i in range(len(data)):
+                batch = data[i]
+                record = module.evaluate(batch)
+                pred = torch.tensor(record["pred_kps"])
+                err = (pred - batch["trg_kps"]).norm(dim=1)
+                correct.append(err <= 0.1 * record["threshold_size"])
+                preds.append(pred)
+                taken.append(module.method.steps_taken.float())
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            results[name] = (torch.cat(preds), torch.cat(correct), torch.cat(taken), seconds)
+    exact = results["exact"][0]
+    rows = []
+    for name, (pred, correct, taken, seconds) in results.items():
+        moved = (pred - exact).norm(dim=1)
+        rows.append(
+            Row(
+                "correspondence effect",
+                f"{pairs} identical synthetic pairs, {len(pred)} points, tiny, 128 px, "
+                f"{steps} steps",
+                name,
+                seconds,
+                note=(
+                    f"PCK@0.1 {100 * correct.float().mean():.1f}; vs exact: mean shift "
+                    f"{moved.mean():.2f} px, {100 * (moved <= 1).float().mean():.0f}% within 1 px; "
+                    f"steps {taken.mean():.1f}/{steps}"
+                ),
+            )
+        )
+    return rows
+
+
+def jobs(quick: bool) -> dict[str, Callable[[str], list[Row]]]:
+    """``corr-<mode>-<px>`` timing jobs and ``corr-effect``; ``quick`` = tiny backbone at 128 px."""
+    out: dict[str, Callable[[str], list[Row]]] = {}
+    sizes, arch = ((128,), "tiny") if quick else ((256, 512), "sd14")
+    for size in sizes:
+        for mode in MODES:
+            out[f"corr-{mode}-{size}"] = partial(_timing_job, size, mode, arch)
+    out["corr-effect"] = partial(_effect_job, quick)
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--arch", default="sd14")
-    args = parser.parse_args()
-    sd = load_stable_diffusion(None, args.arch, device=args.device)
-    rows = [bench(s, args.repeats, args.device, sd) for s in args.sizes]
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(
-        json.dumps(
-            {"threads": torch.get_num_threads(), "peak_rss_gb": peak_gb, "rows": rows}, indent=1
-        )
-    )
-    print(
-        "\n| px | step trunc b1 | step full b1 | step trunc b5 (per emb) | infer pass | "
-        "query point: full b1 | trunc b1 | trunc b5 |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['size']} | {r['step_trunc_b1']:.2f} s | {r['step_full_b1']:.2f} s | "
-            f"{r['step_trunc_b5']:.2f} s ({r['step_trunc_b5'] / 5:.2f}) | {r['infer_pass']:.2f} s | "
-            f"{r['query_point_full_b1'] / 60:.1f} min | {r['query_point_b1'] / 60:.1f} min | "
-            f"{r['query_point_b5'] / 60:.1f} min |"
-        )
+def _timing_job(size: int, mode: str, arch: str, device: str) -> list[Row]:
+    if mode == "fp16" and not device.startswith("cuda"):
+        return []  # fp16 autocast is a GPU option
+    return measure(size, mode, device, arch)
+
+
+def _effect_job(quick: bool, device: str) -> list[Row]:
+    return effect(device, quick)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from benchmarks.run import main
+
+    sys.exit(main(["--only", "corr-*", *sys.argv[1:]]))

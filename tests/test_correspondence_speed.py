@@ -61,13 +61,19 @@ def test_latent_cache_encodes_each_distinct_box_once_and_equals_fresh_encodes(sd
     assert (off.misses, off.hits) == (6, 2)  # within a call still deduplicated
 
 
-def test_latent_cache_leaves_the_fit_and_the_prediction_unchanged(sd):
+def test_exact_mode_equals_the_straightforward_path(sd):
+    """Defaults (truncated UNet, latent cache) against the full UNet encoding every crop: the fitted
+    tensors, the inference maps and the predictions agree to float rounding."""
     pts = torch.tensor([[40.0, 50.0], [90.0, 70.0]])
-    preds = {}
-    for cached in (True, False):
-        pc = PromptCorrespondence(sd, _cfg(cache_latents=cached))
-        preds[cached] = pc.match(_image(0), _image(1), pts, seed=0)
-    torch.testing.assert_close(preds[True], preds[False])
+    gens = lambda: [item_generator(0, 0, p, 0) for p in range(2)]  # noqa: E731
+    out = {}
+    for name, kw in {"exact": {}, "straight": dict(truncate=False, cache_latents=False)}.items():
+        pc = PromptCorrespondence(sd, _cfg(num_embeddings=1, **kw))
+        g = gens()
+        cond = pc.optimise(_image(0), pts, g)
+        out[name] = (cond, pc.infer(_image(1), cond, g), pc.match(_image(0), _image(1), pts, 0))
+    for exact, straight in zip(out["exact"], out["straight"], strict=True):
+        torch.testing.assert_close(exact, straight, atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_checkpointing_with_truncation_gives_the_same_fit(sd):

@@ -1,0 +1,148 @@
+"""The benchmark runner: every speed and memory figure of the README in one table.
+
+    python -m benchmarks.run                      # everything, CPU (about an hour on 2 cores)
+    python -m benchmarks.run --device cuda        # the same on a GPU, with TFLOP/s against its peak
+    python -m benchmarks.run --only 'corr-exact-*' kmeans --json out.json
+    python -m benchmarks.run --quick              # tiny shapes: checks the benchmarks run
+
+Each job runs in its own process, so the peak memory beside it is that job's alone (CPU: the
+process's maximum resident set; CUDA: ``torch.cuda.max_memory_allocated``). FLOPs are counted by
+torch's ``FlopCounterMode`` (matmuls, convolutions, attention); the floor of a row is its FLOPs at
+the device's peak: on CPU the measured rate of a large fp32 matmul, on CUDA the datasheet peak of
+the row's dtype (``benchmarks/common.py``). Random weights everywhere: these are speed figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import importlib
+
+import torch
+
+from benchmarks.common import gpu_peak, measured_matmul_flops
+
+MODULES = ("bench_correspondence",)
+MARK = "SDZERO-BENCH-ROWS "
+
+
+def all_jobs(quick: bool) -> dict:
+    jobs = {}
+    for name in MODULES:
+        jobs.update(importlib.import_module(f"benchmarks.{name}").jobs(quick))
+    return jobs
+
+
+def _peak_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_one(name: str, device: str, quick: bool) -> None:
+    """Child process: run one job and print its rows as one JSON line."""
+    rows = all_jobs(quick)[name](device)
+    print(
+        MARK
+        + json.dumps(
+            {"rows": [r.to_json() for r in rows], "peak_memory_gb": _peak_memory_gb(device)}
+        ),
+        flush=True,
+    )
+
+
+def _peak_flops(row: dict, device: str, cpu_peak: float | None) -> float | None:
+    if device.startswith("cuda"):
+        half = any(k in row["mode"] for k in ("bf16", "fp16"))
+        return gpu_peak(torch.bfloat16 if half else torch.float32)
+    return cpu_peak
+
+
+def format_table(results: list[dict], device: str, cpu_peak: float | None) -> str:
+    """Markdown table of the jobs' rows."""
+    lines = [
+        "| section | unit | mode | seconds | GFLOP | achieved TFLOP/s | floor s (% of time) "
+        "| job peak memory GB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for row in result["rows"]:
+            flops, sec = row["flops"], row["seconds"]
+            peak = _peak_flops(row, device, cpu_peak)
+            gflop = f"{flops / 1e9:.1f}" if flops else ""
+            rate = f"{flops / sec / 1e12:.3f}" if flops and sec > 0 else ""
+            floor = ""
+            if flops and peak:
+                floor = f"{flops / peak:.2f} ({100 * flops / peak / sec:.0f}%)"
+            lines.append(
+                f"| {row['section']} | {row['unit']} | {row['mode']} | {sec:.3f} | {gflop} | "
+                f"{rate} | {floor} | {result['peak_memory_gb']:.2f} | {row['note']} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, seconds per job")
+    parser.add_argument("--only", nargs="+", default=["*"], help="job name globs")
+    parser.add_argument("--list", action="store_true", help="print the job names and exit")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--run-job", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_job:
+        run_one(args.run_job, args.device, args.quick)
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    names = [n for n in all_jobs(args.quick) if any(fnmatch.fnmatch(n, p) for p in args.only)]
+    if args.list or not names:
+        print("\n".join(names) or f"no job matches {args.only}")
+        return 0 if names else 2
+    cpu_peak = None if args.device.startswith("cuda") else measured_matmul_flops("cpu")
+    results, failed = [], []
+    for name in names:
+        cmd = [sys.executable, "-m", "benchmarks.run", "--run-job", name, "--device", args.device]
+        cmd += ["--quick"] if args.quick else []
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+        if proc.returncode or not lines:
+            failed.append(name)
+            print(f"[bench] {name} FAILED:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        result = {"job": name, **json.loads(lines[-1][len(MARK) :])}
+        results.append(result)
+        print(format_table([result], args.device, cpu_peak).splitlines()[-1], file=sys.stderr)
+    header = f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}"
+    header += f", torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if cpu_peak:
+        header += f", measured fp32 matmul peak {cpu_peak / 1e9:.0f} GFLOP/s"
+    print(header)
+    print(format_table(results, args.device, cpu_peak))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"header": header, "results": results, "failed": failed}, indent=1)
+        )
+    if failed:
+        print(f"failed jobs: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The benchmark runner runs end to end on tiny shapes (a smoke test, not a timed test)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_runner_quick_correspondence_job_writes_a_table_and_json(tmp_path):
+    out = tmp_path / "rows.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "corr-exact-*"]
+    proc = subprocess.run(
+        [*cmd, "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| per query point, 128 px | exact |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["failed"] == []
+    (job,) = result["results"]
+    assert job["job"] == "corr-exact-128" and job["peak_memory_gb"] > 0
+    rows = {r["unit"]: r for r in job["rows"]}
+    step = rows["optimisation step, 1 embedding, 128 px"]
+    assert step["seconds"] > 0 and step["flops"] > 0
+    point = rows["per query point, 128 px"]
+    # 129 steps x 5 restarts + 20 crops x 5: far more work than one step
+    assert point["seconds"] > 100 * step["seconds"] / 5
+    assert point["flops"] > 600 * (step["flops"] - rows["VAE encode, one crop, 128 px"]["flops"])
