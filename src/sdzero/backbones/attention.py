@@ -100,6 +100,14 @@ class Captured:
     output: torch.Tensor | None = None
 
 
+def _heads(x: torch.Tensor, n_heads: int, keep: Sequence[int]) -> torch.Tensor:
+    """``(B, N, heads*d)`` -> ``(B*len(keep), N, d)``: the kept heads, batch-major like diffusers'
+    ``head_to_batch_dim``."""
+    b, n, _ = x.shape
+    x = x.view(b, n, n_heads, -1)[:, :, list(keep)]
+    return x.permute(0, 2, 1, 3).reshape(b * len(keep), n, -1)
+
+
 class _CaptureProcessor:
     """Attention processor that computes the attention explicitly and hands probabilities/queries over."""
 
@@ -143,6 +151,16 @@ class _CaptureProcessor:
             owner._record_hw(self.name, n_query)
         if owner.queries and live:
             owner._emit(self.name, "queries", query)
+        stop = self.last and owner.truncate  # the path must not depend on `live` (recomputation)
+        if owner.probs and stop and owner.heads is not None and attention_mask is None:
+            # The pass ends here: only the read heads' probabilities are computed.
+            q, k = (_heads(t, attn.heads, owner.heads) for t in (query, attn.to_k(context)))
+            read = attn.get_attention_scores(q, k).view(batch, len(owner.heads), n_query, -1)
+            if live:
+                owner._emit(self.name, "probs", read)
+            if owner._inside:
+                raise _StopForward
+            return torch.zeros_like(residual)  # a recomputation of a cut pass: never used
         if owner.probs:
             q = attn.head_to_batch_dim(query)
             k = attn.head_to_batch_dim(attn.to_k(context))
@@ -151,7 +169,7 @@ class _CaptureProcessor:
             read = probs if owner.heads is None else probs[:, owner.heads]
             if live:
                 owner._emit(self.name, "probs", read)
-        if self.last and owner.truncate and owner._inside:
+        if stop and owner._inside:
             raise _StopForward
         value = attn.to_v(context)
         if owner.probs:
