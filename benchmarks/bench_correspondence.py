@@ -164,6 +164,7 @@ def effect(device: str, quick: bool) -> list[Row]:
                 **kw,
             )
             module.setup("test")
+            module.to(device)  # the module's device is where predict_pair puts the images
             module.sd.unet.to(device)
             module.sd.vae.to(device)
             preds, correct, taken = [], [], []
