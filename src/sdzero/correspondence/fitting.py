@@ -14,7 +14,10 @@ embeddings, applies a spatial softmax per layer, averages the layers and takes t
 
 All (query, embedding) items are batched through the UNet; each item has its own random generator and
 its own loss term (losses are summed, never averaged across items), so batching changes nothing but
-speed. :meth:`PromptCorrespondence.step_maps` and :meth:`PromptCorrespondence.readout` take crops and
+speed. The other exact levers: the UNet stops after the last read layer (``truncate``) and each
+distinct crop of an image is VAE-encoded once per pair (:class:`LatentCache`). Options beyond exact,
+off by default: ``autocast`` (bf16/fp16), ``checkpointing``, ``shared_crop`` (one crop per step for
+the restarts of a query point) and early stopping (:class:`EarlyStop`). :meth:`PromptCorrespondence.step_maps` and :meth:`PromptCorrespondence.readout` take crops and
 noise as arguments so another implementation can be fed identical inputs and compared.
 """
 
