@@ -46,7 +46,7 @@ class PromptCorrespondenceModule(EvaluationModule):
         crop_margin: float = 0.15,
         image_size: int = 512,
         token: int = 1,
-        batch_size: int = 0,
+        batch_size: int = 5,
         truncate: bool = True,
         cache_latents: bool = True,
         autocast: str | None = None,
