@@ -1,6 +1,23 @@
 """Speed of OVDiff segmentation on the real SD 1.5 architecture (random weights), and of k-means.
 
-Measures three things:
+Benchmark-runner jobs (``jobs(quick)``, see ``common.py``), one row per mode:
+
+- ``seg-infer``: seconds per test image (448x597, LANCZOS-resized to a short side of 448; the
+  official sliding windows: 2 windows of 448², 6 of 336² and the full image) through the official
+  extractors ``sd`` (queries of 9 cross-attention layers, windows at 512²), ``dino`` (ViT-B/8
+  keys) and ``clip`` (ViT-B/16 keys at 448²), all with random weights, and random prototypes of 3
+  classes (65 FG and 65 BG rows each, as 32 support images give; no CLIP class filter), once with
+  ``window_batch=1`` (one window per forward call) and once with the default ``window_batch``.
+  FLOPs are those of one image (convolutions, matmuls and attention, counted with SDPA as its math
+  decomposition); the floor is FLOPs / the measured matmul FLOP/s of the device.
+- ``seg-protos``: prototype build seconds per class through ``build_prototypes`` (no cache) at a
+  reduced setting (4 support images of 256², 4 DPM-Solver steps, ``attention`` masks, the three
+  extractors, k-means K=32), with support images sampled one at a time and all 4 in one batch.
+
+``quick=True`` runs both on the ``tiny`` architecture and tiny ViTs (96x128 image, 96/64 windows,
+64 px support images) in seconds, to check that they work.
+
+The command line runs those jobs (``--jobs``), or the older parts (``--parts``):
 
 1. k-means: ``sdzero.segmentation.kmeans.kmeans`` against scikit-learn's
    ``KMeans(n_clusters=32, random_state=0, n_init="auto")`` (what the official prototypes use) on
@@ -11,17 +28,20 @@ Measures three things:
    135 s instead of 0.7 s, which measures thread contention, not k-means.
 2. Prototype build time per class through ``build_prototypes`` (no cache), with generated support
    sets at a reduced resolution (``--size``), number of images (``--num-support``) and sampling
-   steps (``--steps``), the ``attention`` mask proposer and the ``sd`` extractor, broken down into
-   support sampling (SD pipeline + attribution maps), SD query features of the support images, and
-   prototypes (masks, means and k-means; k-means also on its own).
+   steps (``--steps``), ``--sample-batch`` images per sampling call, the ``attention`` mask
+   proposer and the ``sd`` extractor, broken down into support sampling (SD pipeline + attribution
+   maps), SD query features of the support images, and prototypes (masks, means and k-means;
+   k-means also on its own).
 3. Inference time of one synthetic image (``--image-size``, resized to ``--short-side`` as the
-   official ``predict.py``) with the official sliding windows, the ``sd`` extractor and random
-   prototypes of 3 classes (skipping the build), against a floor: number of windows x one
-   extractor pass (VAE encode + UNet truncated after the last read layer) at the SD input size,
-   and x the truncated UNet pass alone. FLOPs of one pass are counted with
-   ``torch.utils.flop_counter`` (matmuls, convolutions and attention).
+   official ``predict.py``) with the official sliding windows (``--window-batch`` per forward
+   call), the ``sd`` extractor and random prototypes of 3 classes (skipping the build), against a
+   floor: number of windows x one extractor pass (VAE encode + UNet truncated after the last read
+   layer) at the SD input size, and x the truncated UNet pass alone. FLOPs of one pass are counted
+   with ``torch.utils.flop_counter`` (matmuls, convolutions and attention).
 
-    python benchmarks/bench_segmentation.py                     # the defaults: ~10 min, 2 CPU cores
+    python benchmarks/bench_segmentation.py --jobs seg-infer seg-protos --quick   # seconds
+    python benchmarks/bench_segmentation.py --jobs seg-infer        # ~10 min on 2 CPU cores
+    python benchmarks/bench_segmentation.py                     # the parts: ~10 min, 2 CPU cores
     python benchmarks/bench_segmentation.py --kmeans-points 100000 --device cuda
     python benchmarks/bench_segmentation.py --size 128 --kmeans-points 2000 --sd-input 256  # smoke
 
@@ -32,20 +52,24 @@ random weights make every segmentation output meaningless, but not the time it t
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import sdzero.segmentation.prototypes as prototypes_module
 from sdzero.backbones.attention import AttentionCapture
-from sdzero.backbones.sd import load_stable_diffusion
-from sdzero.segmentation.features import SDQueryExtractor
+from sdzero.backbones.sd import StableDiffusion, load_stable_diffusion
+from sdzero.segmentation.features import FeatureExtractor, SDQueryExtractor, build_extractor
 from sdzero.segmentation.inference import (
     PrototypeBank,
     Segmenter,
@@ -60,11 +84,17 @@ from sdzero.segmentation.prototypes import (
     Prototypes,
     build_prototypes,
 )
-from sdzero.segmentation.support import GeneratedSupport
+from sdzero.segmentation.support import GeneratedSupport, sample_support_set
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Row, count_flops, measured_matmul_flops, timed  # noqa: E402
 
 KMEANS_K = 32
 FEATURE_DIM = 7680  # SD 1.5 cross-attention queries of OVDiff's layers
 OFFICIAL_SUPPORT = 32  # support images per class in OVDiff: P = 1 + 32 + 32 prototype rows
+WINDOW_BATCH = inspect.signature(Segmenter).parameters["window_batch"].default
 
 
 def _sync(device: str | torch.device) -> None:
@@ -141,16 +171,18 @@ class _TimedSupport:
 
 
 class _ForwardTimer:
-    """Adds the seconds of every forward of ``module`` to ``seconds`` (forward hooks)."""
+    """Adds the seconds of every forward of ``modules`` to ``seconds`` (forward hooks)."""
 
-    def __init__(self, module: torch.nn.Module, device: str) -> None:
+    def __init__(self, modules: Sequence[torch.nn.Module], device: str) -> None:
         self.device = device
         self.seconds = 0.0
         self._start = 0.0
-        self._handles = [
-            module.register_forward_pre_hook(self._pre),
-            module.register_forward_hook(self._post),
-        ]
+        self._handles = []
+        for module in modules:
+            self._handles += [
+                module.register_forward_pre_hook(self._pre),
+                module.register_forward_hook(self._post),
+            ]
 
     def _pre(self, *_: Any) -> None:
         _sync(self.device)
@@ -165,16 +197,36 @@ class _ForwardTimer:
             handle.remove()
 
 
-def bench_build(sd, extractor: SDQueryExtractor, args: argparse.Namespace) -> dict:
+@dataclass
+class BuildSetting:
+    """Support sets of ``num_support`` images of ``size``², ``steps`` sampling steps, sampled
+    ``sample_batch`` at a time, for each of ``classes``."""
+
+    classes: Sequence[str]
+    num_support: int
+    steps: int
+    size: int
+    sample_batch: int
+
+
+def bench_build(
+    sd: StableDiffusion, extractors: Sequence[FeatureExtractor], setting: BuildSetting, device: str
+) -> dict:
+    """Seconds per class of ``build_prototypes`` (``attention`` masks, no cache), broken down."""
     source = GeneratedSupport(
-        sd, None, num_support=args.num_support, steps=args.steps, size=args.size
+        sd,
+        None,
+        num_support=setting.num_support,
+        steps=setting.steps,
+        size=setting.size,
+        batch_size=setting.sample_batch,
     )
-    timed_support = _TimedSupport(source, args.device)
-    feature_timer = _ForwardTimer(extractor, args.device)
+    timed_support = _TimedSupport(source, device)
+    feature_timer = _ForwardTimer(extractors, device)
     kmeans_seconds = [0.0]
 
     def timed_kmeans(*a: Any, **kw: Any):
-        result, sec = _clock(lambda: kmeans(*a, **kw), args.device)
+        result, sec = _clock(lambda: kmeans(*a, **kw), device)
         kmeans_seconds[0] += sec
         return result
 
@@ -182,20 +234,22 @@ def bench_build(sd, extractor: SDQueryExtractor, args: argparse.Namespace) -> di
     try:
         built, total = _clock(
             lambda: build_prototypes(
-                args.classes, [extractor], timed_support, "attention", cache=None
+                list(setting.classes), extractors, timed_support, "attention", cache=None
             ),
-            args.device,
+            device,
         )
     finally:
         prototypes_module.kmeans = kmeans
         feature_timer.remove()
-    n = len(args.classes)
-    protos = built[args.classes[0]]["sd"]
+    n = len(setting.classes)
+    protos = built[setting.classes[0]][extractors[0].name]
     return {
-        "classes": list(args.classes),
-        "size": args.size,
-        "num_support": args.num_support,
-        "steps": args.steps,
+        "classes": list(setting.classes),
+        "extractors": [e.name for e in extractors],
+        "size": setting.size,
+        "num_support": setting.num_support,
+        "steps": setting.steps,
+        "sample_batch": setting.sample_batch,
         "mask_proposer": "attention",
         "fg_rows": int(protos.fg.shape[0]),
         "bg_rows": int(protos.bg.shape[0]),
@@ -205,13 +259,15 @@ def bench_build(sd, extractor: SDQueryExtractor, args: argparse.Namespace) -> di
         "features_s": feature_timer.seconds / n,
         "prototypes_s": (total - timed_support.seconds - feature_timer.seconds) / n,
         "kmeans_s": kmeans_seconds[0] / n,
-        "support_per_image_s": timed_support.seconds / n / args.num_support,
-        "features_per_image_s": feature_timer.seconds / n / args.num_support,
+        "support_per_image_s": timed_support.seconds / n / setting.num_support,
+        "features_per_image_s": feature_timer.seconds / n / setting.num_support,
     }
 
 
 # -------------------------------------------------------------------------------- inference
-def random_prototypes(name: str, dim: int, seed: int) -> Prototypes:
+def random_prototypes(
+    name: str, dim: int, seed: int, extractor: str = "sd", grid: tuple[int, int] = (64, 64)
+) -> Prototypes:
     """Random prototypes with OVDiff's row layout for 32 support images (P = Q = 65)."""
     gen = torch.Generator().manual_seed(seed)
     rows = 1 + OFFICIAL_SUPPORT + KMEANS_K
@@ -220,10 +276,10 @@ def random_prototypes(name: str, dim: int, seed: int) -> Prototypes:
         dtype=torch.int8,
     )
     image = torch.cat([torch.zeros(1), torch.arange(OFFICIAL_SUPPORT), torch.zeros(KMEANS_K)])
-    region = torch.ones(rows, 64, 64, dtype=torch.bool)
+    region = torch.ones(rows, *grid, dtype=torch.bool)
     return Prototypes(
         class_name=name,
-        extractor="sd",
+        extractor=extractor,
         fg=torch.randn(rows, dim, generator=gen),
         bg=torch.randn(rows, dim, generator=gen),
         fg_kind=kind,
@@ -236,19 +292,31 @@ def random_prototypes(name: str, dim: int, seed: int) -> Prototypes:
     )
 
 
+def random_bank(extractor: FeatureExtractor, classes: int = 3) -> PrototypeBank:
+    """Random prototypes of label indices ``1..classes`` (0 is the background)."""
+    protos = {
+        c: random_prototypes(f"class {c}", extractor.dim, c, extractor.name, (1, 1))
+        for c in range(1, classes + 1)
+    }
+    return PrototypeBank.build(protos)
+
+
+def random_image(height: int, width: int) -> torch.Tensor:
+    """``(3, height, width)`` uint8 noise (the content does not change the work)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)
+
+
 def _flops_and_seconds(fn: Callable[[], Any], device: str) -> tuple[int, float]:
     """FLOPs of ``fn()`` (counted on a first, warm-up call) and the seconds of a second call."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
+    flops = count_flops(fn)
     _, sec = _clock(fn, device)
-    return counter.get_total_flops(), sec
+    return int(flops), sec
 
 
 def bench_inference(extractor: SDQueryExtractor, args: argparse.Namespace) -> dict:
     height, width = args.image_size
-    gen = torch.Generator().manual_seed(0)
-    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)
+    image = random_image(height, width)
     work_h, work_w = resize_short_side(image, args.short_side).shape[1:]
     windows = sliding_windows(work_h, work_w, args.window_sizes, args.stride)
     banks = [
@@ -264,6 +332,7 @@ def bench_inference(extractor: SDQueryExtractor, args: argparse.Namespace) -> di
         window_sizes=args.window_sizes,
         stride=args.stride,
         short_side=args.short_side,
+        window_batch=args.window_batch,
         device=args.device,
     )
     out: dict[str, Any] = {
@@ -272,6 +341,7 @@ def bench_inference(extractor: SDQueryExtractor, args: argparse.Namespace) -> di
         "window_sizes": list(args.window_sizes),
         "stride": args.stride,
         "windows": len(windows),
+        "window_batch": args.window_batch,
         "sd_input": extractor.input_size,
         "classes": 3,
     }
@@ -305,10 +375,147 @@ def bench_inference(extractor: SDQueryExtractor, args: argparse.Namespace) -> di
     return out
 
 
+# ------------------------------------------------------------------------------ runner jobs
+@dataclass
+class JobSetting:
+    """What the ``seg-infer`` / ``seg-protos`` jobs run (see the module docstring)."""
+
+    arch: str
+    vits: tuple[str, ...]  # the dino and clip extractors' names
+    image: tuple[int, int]
+    short_side: int
+    window_sizes: tuple[int, ...]
+    stride: int
+    sd_input: int
+    build: BuildSetting
+
+
+FULL = JobSetting(
+    arch="sd15",
+    vits=("dino", "clip"),
+    image=(448, 597),
+    short_side=448,
+    window_sizes=(448, 336),
+    stride=224,
+    sd_input=512,
+    build=BuildSetting(("cat",), num_support=4, steps=4, size=256, sample_batch=4),
+)
+QUICK = JobSetting(
+    arch="tiny",
+    vits=("dino:tiny_vit8", "clip:tiny_clip16"),
+    image=(96, 128),
+    short_side=96,
+    window_sizes=(96, 64),
+    stride=32,
+    sd_input=128,
+    build=BuildSetting(("cat",), num_support=4, steps=2, size=64, sample_batch=4),
+)
+
+
+def _extractors(setting: JobSetting, device: str) -> tuple[StableDiffusion, list[FeatureExtractor]]:
+    """Random-weight SD (with its text encoder) and the ``sd``, ``dino`` and ``clip`` extractors."""
+    sd = load_stable_diffusion(None, setting.arch, text_encoder=True, device=device)
+    extractors: list[FeatureExtractor] = [
+        SDQueryExtractor(sd, input_size=setting.sd_input).to(device)
+    ]
+    extractors += [build_extractor(n, vit_weights="random", device=device) for n in setting.vits]
+    return sd, extractors
+
+
+def job_infer(device: str, quick: bool = False) -> list[Row]:
+    """Seconds per test image with ``window_batch=1`` and the default, FLOPs and floor."""
+    setting = QUICK if quick else FULL
+    _, extractors = _extractors(setting, device)
+    banks = [random_bank(e) for e in extractors]
+    image = random_image(*setting.image)
+    work = resize_short_side(image, setting.short_side).shape[1:]
+    windows = sliding_windows(*work, setting.window_sizes, setting.stride)
+    peaks = [measured_matmul_flops(device)]
+    names = "+".join(e.name for e in extractors)
+    unit = (
+        f"test image {setting.image[0]}x{setting.image[1]} ({len(windows)} windows of "
+        f"{'/'.join(map(str, setting.window_sizes))} + full, {names}, sd at {setting.sd_input}²)"
+    )
+    timings, flops = [], None
+    for batch in (1, WINDOW_BATCH):
+        segment = Segmenter(
+            extractors,
+            banks,
+            4,
+            window_sizes=setting.window_sizes,
+            stride=setting.stride,
+            short_side=setting.short_side,
+            window_batch=batch,
+            device=device,
+        )
+        if flops is None:  # the same arithmetic for every batch size; also the warm-up
+            flops = count_flops(lambda s=segment: s(image))
+        seconds = timed(lambda s=segment: s(image), device, repeats=3 if quick else 1, warmup=0)
+        timings.append((batch, seconds))
+        peaks.append(measured_matmul_flops(device))
+    # The best matmul rate seen around the timings: on a shared machine one measurement may be
+    # taken while others compute, which would inflate the floor.
+    peak = max(peaks)
+    floor = flops / peak
+    return [
+        Row(
+            "segmentation",
+            unit,
+            f"window_batch={batch}",
+            seconds,
+            flops,
+            f"random weights ({setting.arch}), 3 classes x 65 FG/BG prototypes, no CLIP filter; "
+            f"floor {floor:.2f} s ({100 * floor / seconds:.0f}% of time) at {peak / 1e9:.0f} "
+            "GFLOP/s matmul",
+        )
+        for batch, seconds in timings
+    ]
+
+
+def job_protos(device: str, quick: bool = False) -> list[Row]:
+    """Prototype build seconds per class, support images sampled one at a time and batched."""
+    setting = QUICK if quick else FULL
+    sd, extractors = _extractors(setting, device)
+    b = setting.build
+    # Warm-up: one-off costs (allocator, kernel selection) should not land on the first mode.
+    sample_support_set(sd, "dog", num_support=1, steps=1, size=b.size)
+    for extractor in extractors:
+        extractor(torch.rand(1, 3, b.size, b.size, device=device))
+    rows = []
+    for batch in (1, b.sample_batch):
+        r = bench_build(sd, extractors, BuildSetting(**{**vars(b), "sample_batch": batch}), device)
+        rows.append(
+            Row(
+                "segmentation",
+                f"prototype build per class ({b.num_support} support images of {b.size}², "
+                f"{b.steps} steps, attention masks, {'+'.join(r['extractors'])})",
+                f"sample_batch={batch}",
+                r["total_s"],
+                None,
+                f"random weights ({setting.arch}); sampling {r['support_s']:.2f} s, features "
+                f"{r['features_s']:.2f} s, masks + means + k-means {r['prototypes_s']:.2f} s "
+                f"(k-means {r['kmeans_s']:.2f} s)",
+            )
+        )
+    return rows
+
+
+def jobs(quick: bool) -> dict[str, Callable[[str], list[Row]]]:
+    """Runner jobs: name -> function of the device string returning table rows."""
+    return {
+        "seg-infer": partial(job_infer, quick=quick),
+        "seg-protos": partial(job_protos, quick=quick),
+    }
+
+
 # ------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--jobs", nargs="+", help="run these runner jobs (seg-infer, seg-protos) instead of parts"
+    )
+    parser.add_argument("--quick", action="store_true", help="--jobs: the tiny quick settings")
     parser.add_argument("--arch", default="sd15")
     parser.add_argument("--parts", nargs="+", default=["kmeans", "build", "inference"])
     parser.add_argument("--kmeans-points", type=int, default=20_000)
@@ -325,14 +532,25 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="support image side (OVDiff: 512)")
     parser.add_argument("--num-support", type=int, default=4, help="OVDiff: 32")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps (OVDiff: 30)")
+    parser.add_argument("--sample-batch", type=int, default=8, help="support images per call")
     parser.add_argument("--image-size", type=int, nargs=2, default=[375, 500], metavar=("H", "W"))
     parser.add_argument("--short-side", type=int, default=448)
     parser.add_argument("--window-sizes", type=int, nargs="+", default=[448, 336])
     parser.add_argument("--stride", type=int, default=224)
     parser.add_argument(
+        "--window-batch", type=int, default=WINDOW_BATCH, help="windows per extractor call"
+    )
+    parser.add_argument(
         "--sd-input", type=int, default=512, help="side windows are resized to (OVDiff: 512)"
     )
     args = parser.parse_args()
+    if args.jobs:
+        available = jobs(args.quick)
+        unknown = set(args.jobs) - set(available)
+        if unknown:
+            parser.error(f"unknown --jobs {sorted(unknown)}; choose from {sorted(available)}")
+        print_rows([row for name in args.jobs for row in available[name](args.device)])
+        return
     unknown = set(args.parts) - {"kmeans", "build", "inference"}
     if unknown:
         parser.error(f"unknown --parts {sorted(unknown)}; choose from kmeans, build, inference")
@@ -352,13 +570,28 @@ def main() -> None:
         result["arch"] = sd.arch
         result["feature_dim"] = extractor.dim
         if "build" in args.parts:
-            result["build"] = bench_build(sd, extractor, args)
+            setting = BuildSetting(
+                args.classes, args.num_support, args.steps, args.size, args.sample_batch
+            )
+            result["build"] = bench_build(sd, [extractor], setting, args.device)
         if "inference" in args.parts:
             result["inference"] = bench_inference(extractor, args)
     result["load_avg_end"] = os.getloadavg()[0]
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(result, indent=1))
     print_table(result)
+
+
+def print_rows(rows: Sequence[Row]) -> None:
+    """The rows as JSON lines, then as a markdown table."""
+    for row in rows:
+        print(json.dumps(row.to_json()))
+    print(f"\n{torch.get_num_threads()} threads, 1-min load average {os.getloadavg()[0]:.1f}")
+    print("\n| unit | mode | seconds | GFLOP | note |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        gflop = f"{r.flops / 1e9:.0f}" if r.flops is not None else ""
+        print(f"| {r.unit} | {r.mode} | {r.seconds:.2f} | {gflop} | {r.note} |")
 
 
 def print_table(result: dict) -> None:

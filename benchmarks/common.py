@@ -51,12 +51,22 @@ def timed(fn: Callable[[], Any], device: str = "cpu", repeats: int = 1, warmup: 
 
 def count_flops(fn: Callable[[], Any]) -> float:
     """FLOPs of one ``fn()`` call as torch's ``FlopCounterMode`` counts them (matmuls, convs,
-    attention; elementwise work is not counted, so the floor derived from it is a lower bound)."""
+    attention; elementwise work is not counted, so the floor derived from it is a lower bound).
+
+    The fused CPU kernels of SDPA and ``nn.MultiheadAttention``'s fast path are invisible to the
+    counter, so the call runs with SDPA's math decomposition and without that fast path (the same
+    arithmetic; only for counting)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        counter = FlopCounterMode(display=False)
+        with sdpa_kernel([SDPBackend.MATH]), counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return float(counter.get_total_flops())
 
 

@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.common import gpu_peak, measured_matmul_flops
 
-MODULES = ("bench_correspondence",)
+MODULES = ("bench_correspondence", "bench_segmentation", "bench_kmeans")
 MARK = "SDZERO-BENCH-ROWS "
 
 

@@ -1,10 +1,20 @@
-"""k-means in torch against known centres and scikit-learn's inertia."""
+"""k-means in torch against known centres, a naive Lloyd and scikit-learn's inertia; the
+prototype builder's ``kmeans_sample`` option."""
 
 import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from sdzero.segmentation.kmeans import _lloyd, kmeans
+import sdzero.segmentation.prototypes as prototypes_module
+from sdzero.segmentation.features import ColourExtractor
+from sdzero.segmentation.kmeans import (
+    _kmeans_plus_plus,
+    _lloyd,
+    _Points,
+    feature_mixture,
+    kmeans,
+)
+from sdzero.segmentation.prototypes import build_prototypes, prototypes_from_features
 
 
 def _blobs(seed=0):
@@ -56,9 +66,9 @@ def test_more_inits_never_worse():
 
 def test_empty_cluster_takes_the_farthest_point():
     x = torch.tensor([[0.0], [0.1], [0.2], [10.0], [10.1], [13.0]])
-    x_sq = (x * x).sum(1)
     # The third centre is far from everything, so its cluster starts empty.
-    result = _lloyd(x, x_sq, torch.tensor([[0.1], [10.0], [1000.0]]), 10, 0.0, 1024)
+    points = _Points(x, None, 1024, None, 1)
+    result = _lloyd(points, torch.tensor([[0.1], [10.0], [1000.0]]), 10, 0.0)
     assert torch.isfinite(result.centres).all()
     assert sorted(torch.bincount(result.labels, minlength=3).tolist()) == [1, 2, 3]
     assert sorted(result.centres.flatten().tolist()) == pytest.approx([0.1, 10.05, 13.0])
@@ -79,6 +89,11 @@ def test_k_equals_n_gives_zero_inertia():
         (torch.randn(3), 1, {}, "expects a non-empty"),
         (torch.tensor([[0.0], [float("nan")]]), 1, {}, "NaN"),
         (torch.randn(3, 2), 2, {"n_init": "many"}, "n_init"),
+        (torch.randn(3, 2), 2, {"init_sample": -1}, "init_sample must be None or an int >= 0"),
+        (torch.randn(3, 2), 2, {"init_sample": 2.5}, "init_sample"),
+        (torch.randn(3, 2), 2, {"init_sample": True}, "init_sample"),
+        (torch.tensor([[1.0], [float("inf")]]), 1, {}, "infinite"),
+        (torch.randn(3, 2), 2, {"chunk_size": 0}, "chunk_size must be a positive int"),
     ],
 )
 def test_bad_input(x, k, kwargs, message):
@@ -93,3 +108,141 @@ def test_cuda_matches_cpu():
     gpu = kmeans(points.cuda(), 4, seed=0)
     assert torch.equal(cpu.labels, gpu.labels.cpu())
     assert torch.allclose(cpu.centres, gpu.centres.cpu(), atol=1e-4)
+
+
+# --- exactness of the accelerated Lloyd -------------------------------------------------------
+
+
+def _naive_lloyd(x, centres):
+    """Textbook Lloyd in float64 until the labels repeat (no empty clusters on the test data)."""
+    x, centres, labels = x.double(), centres.double(), None
+    while True:
+        new = torch.cdist(x, centres).argmin(1)
+        if labels is not None and torch.equal(new, labels):
+            return labels, centres
+        labels = new
+        centres = torch.stack([x[labels == j].mean(0) for j in range(len(centres))])
+
+
+def test_bounded_lloyd_matches_naive_lloyd():
+    # Overlapping clusters: many iterations that move a few points, where the bounds skip most.
+    x = feature_mixture(3000, 32, seed=1)
+    x = x - x.mean(0)
+    points = _Points(x, None, 128, None, 1)  # 24 chunks
+    init = _kmeans_plus_plus(points, 16, torch.Generator().manual_seed(0))
+    ours = _lloyd(points, init, 300, 0.0)
+    labels, centres = _naive_lloyd(x, init)
+    assert ours.n_iter > 10
+    assert torch.equal(ours.labels, labels)
+    assert torch.allclose(ours.centres.double(), centres, atol=1e-4)
+    direct = ((x.double() - centres[labels]) ** 2).sum().item()
+    assert ours.inertia == pytest.approx(direct, rel=1e-6)
+
+
+def test_inertia_is_exact_far_from_the_origin():
+    # Centring (by chunks) keeps the expanded distances precise far from the origin.
+    x = 1000 + feature_mixture(4000, 48, seed=2) / 10
+    for sample in (None, 1000):
+        result = kmeans(x, 12, seed=0, init_sample=sample)
+        direct = ((x.double() - result.centres.double()[result.labels]) ** 2).sum().item()
+        # float32 centres: the direct sum from them agrees to float32 rounding of the centres.
+        assert result.inertia == pytest.approx(direct, rel=1e-4)
+        nearest = torch.cdist(x.double(), result.centres.double()).argmin(1)
+        assert (nearest == result.labels).float().mean() > 0.999
+
+
+def test_inertia_of_tight_far_apart_clusters_is_summed_directly():
+    # Inertia ~1e-12 of sum |x|^2: the sufficient statistics would cancel to noise (~1e-4).
+    g = torch.Generator().manual_seed(7)
+    centres = 1000 * torch.randn(5, 8, generator=g)
+    x = centres.repeat_interleave(40, 0) + 1e-3 * torch.randn(200, 8, generator=g)
+    result = _lloyd(_Points(x, None, 64, None, 1), x[::40].clone(), 10, 0.0)
+    direct = ((x.double() - result.centres.double()[result.labels]) ** 2).sum().item()
+    assert result.inertia == pytest.approx(direct, rel=1e-6)
+
+
+def test_results_do_not_depend_on_the_number_of_threads():
+    x = feature_mixture(3000, 256, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append([kmeans(x, 8, seed=4, init_sample=s, chunk_size=100) for s in (0, 600)])
+            assert torch.get_num_threads() == n  # restored after the worker pool
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*runs, strict=True):
+        assert torch.equal(one.labels, two.labels) and torch.equal(one.centres, two.centres)
+        assert one.inertia == two.inertia
+
+
+# --- init_sample (seeding and converging on a subsample) --------------------------------------
+
+
+def test_init_sample_recovers_separable_blob_centres():
+    centres, points = _blobs(seed=5)
+    result = kmeans(points, 4, seed=0, init_sample=60)
+    dist = torch.cdist(centres, result.centres)
+    assert sorted(dist.argmin(1).tolist()) == [0, 1, 2, 3]
+    assert dist.min(1).values.max() < 0.05
+    for blob in result.labels.view(4, 150):
+        assert (blob == blob[0]).all()
+    assert result.n_iter_sample >= 1 and result.n_iter >= 1
+
+
+def test_init_sample_inertia_within_one_percent_of_full_and_sklearn():
+    # OVDiff's K = 32 on a mixture of 40 unequal components: seedings differ by a few percent,
+    # so compare means over seeds. A poor clustering is > 3 % worse: 1 % is a real bound here.
+    x = feature_mixture(5000, 64, seed=0)
+    seeds = range(4)
+    fast = sum(kmeans(x, 32, seed=s, init_sample=2048).inertia for s in seeds)
+    full = sum(kmeans(x, 32, seed=s).inertia for s in seeds)
+    ref = sum(KMeans(32, random_state=s, n_init="auto").fit(x.numpy()).inertia_ for s in seeds)
+    assert fast <= 1.01 * full and fast <= 1.01 * ref
+    poor = KMeans(32, init="random", n_init=1, max_iter=1, random_state=0).fit(x.numpy())
+    assert poor.inertia_ > 1.03 * ref / len(seeds)
+
+
+def test_init_sample_is_deterministic_and_falls_back_to_all_points():
+    x = feature_mixture(2000, 16, seed=6)
+    a, b = (kmeans(x, 6, seed=3, init_sample=500) for _ in range(2))
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.centres, b.centres)
+    assert a.inertia == b.inertia and a.n_iter_sample > 0
+    full = kmeans(x, 6, seed=3)
+    for sample in (0, 2000, 5000):  # 0 or at least N: k-means++ on all points
+        same = kmeans(x, 6, seed=3, init_sample=sample)
+        assert torch.equal(same.labels, full.labels) and same.n_iter_sample == 0
+
+
+def test_feature_mixture_is_seeded():
+    x = feature_mixture(100, 24, seed=1)
+    assert x.shape == (100, 24) and x.dtype == torch.float32
+    assert torch.equal(x, feature_mixture(100, 24, seed=1))
+    assert not torch.equal(x, feature_mixture(100, 24, seed=2))
+
+
+# --- the prototype builder's kmeans_sample ----------------------------------------------------
+
+
+def test_prototypes_pass_kmeans_sample_and_reject_negative(monkeypatch):
+    seen = []
+
+    def spy(pixels, k, **kwargs):
+        seen.append(kwargs["init_sample"])
+        return kmeans(pixels, k, **kwargs)
+
+    monkeypatch.setattr(prototypes_module, "kmeans", spy)
+    feats = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[:, :4] = True
+    p = prototypes_from_features(
+        feats, masks, ~masks, class_name="a", extractor="x", kmeans_k=2, kmeans_sample=7
+    )
+    assert seen == [7, 7] and p.fg.shape == (1 + 2 + 2, 3)
+    with pytest.raises(ValueError, match="kmeans_sample must be an int >= 0"):
+        prototypes_from_features(
+            feats, masks, ~masks, class_name="a", extractor="x", kmeans_sample=-1
+        )
+    with pytest.raises(ValueError, match="kmeans_sample"):
+        build_prototypes(["a"], [ColourExtractor()], None, kmeans_sample=-5)

@@ -257,7 +257,9 @@ class Segmenter:
     :param num_classes: K, the label space's size; ``background_index`` its background class.
     :param class_filter: working-frame image ``(3, h, w)`` uint8 -> label indices to keep (None:
         all); the others score -1 and their background prototypes leave the background channel.
-    :param max_batch: windows of one size go through an extractor in batches of at most this many.
+    :param window_batch: per extractor, windows whose prepared input has the same shape go through
+        it in batches of at most this many (1: one window per forward call); scores are the same
+        as one at a time up to float rounding and are accumulated in window order either way.
     """
 
     def __init__(
@@ -272,7 +274,7 @@ class Segmenter:
         short_side: int = 448,
         use_pamr: bool = False,
         class_filter: Callable[[Tensor], Collection[int]] | None = None,
-        max_batch: int = 8,
+        window_batch: int = 8,
         device: Any = "cpu",
     ) -> None:
         if not extractors or len(extractors) != len(banks):
@@ -288,10 +290,10 @@ class Segmenter:
                 )
         if background_index is not None and not 0 <= background_index < num_classes:
             raise ValueError(f"background_index {background_index} outside [0, {num_classes})")
-        if short_side < 1 or max_batch < 1:
-            raise ValueError(
-                f"short_side and max_batch must be >= 1, got {short_side}, {max_batch}"
-            )
+        if short_side < 1:
+            raise ValueError(f"short_side must be >= 1, got {short_side}")
+        if window_batch < 1:
+            raise ValueError(f"window_batch must be >= 1, got {window_batch}")
         self.extractors = list(extractors)
         self.banks = [b.to(device) for b in banks]
         self.num_classes = num_classes
@@ -301,7 +303,7 @@ class Segmenter:
         self.short_side = short_side
         self.use_pamr = use_pamr
         self.class_filter = class_filter
-        self.max_batch = max_batch
+        self.window_batch = window_batch
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -314,23 +316,15 @@ class Segmenter:
         kept = sorted(self.class_filter(work)) if self.class_filter else list(self.banks[0].classes)
         height, width = work.shape[1:]
         pixels = work.to(self.device).float() / 255
-        groups: dict[tuple[int, int], list[Window]] = {}
-        for window in sliding_windows(height, width, self.window_sizes, self.stride):
-            groups.setdefault(window.size, []).append(window)
+        windows = sliding_windows(height, width, self.window_sizes, self.stride)
         acc = ScoreAccumulator(self.num_classes, height, width, self.device)
         pairs = []
         for index, (extractor, bank) in enumerate(zip(self.extractors, self.banks, strict=True)):
-            for windows in groups.values():
-                for start in range(0, len(windows), self.max_batch):
-                    chunk = windows[start : start + self.max_batch]
-                    crops = torch.stack([pixels[:, w.y1 : w.y2, w.x1 : w.x2] for w in chunk])
-                    features = extractor(extractor.prepare(crops)).float()
-                    features = F.normalize(features, dim=1, eps=1e-6)
-                    values, owner, proto = self._channels(bank.score(features, kept), kept)
-                    for b, window in enumerate(chunk):
-                        acc.add(window, values[b])
-                        if explain:
-                            pairs.append(PairScores(window, index, values[b], owner[b], proto[b]))
+            maps = self._window_maps(extractor, bank, pixels, windows, kept)
+            for window, (values, owner, proto) in zip(windows, maps, strict=True):
+                acc.add(window, values)
+                if explain:
+                    pairs.append(PairScores(window, index, values, owner, proto))
         scores = acc.mean()
         if self.use_pamr:
             scores = pamr(work.to(self.device).float()[None], scores[None])[0]
@@ -344,6 +338,32 @@ class Segmenter:
             [e.name for e in self.extractors],
             pairs,
         )
+
+    def _window_maps(
+        self,
+        extractor: FeatureExtractor,
+        bank: PrototypeBank,
+        pixels: Tensor,
+        windows: Sequence[Window],
+        kept: Sequence[int],
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per window of ``pixels`` ``(3, H, W)`` in [0, 1], in ``windows`` order: its
+        :meth:`_channels` maps ``(K, gh, gw)``. Each window is prepared alone; those whose prepared
+        input has the same shape are stacked and run ``window_batch`` at a time."""
+        groups: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+        for i, w in enumerate(windows):
+            prepared = extractor.prepare(pixels[None, :, w.y1 : w.y2, w.x1 : w.x2])[0]
+            groups.setdefault(tuple(prepared.shape), []).append((i, prepared))
+        maps: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        for group in groups.values():
+            for start in range(0, len(group), self.window_batch):
+                chunk = group[start : start + self.window_batch]
+                features = extractor(torch.stack([x for _, x in chunk])).float()
+                features = F.normalize(features, dim=1, eps=1e-6)
+                values, owner, proto = self._channels(bank.score(features, kept), kept)
+                for b, (i, _) in enumerate(chunk):
+                    maps[i] = (values[b], owner[b], proto[b])
+        return [maps[i] for i in range(len(windows))]
 
     def _channels(self, s: BankScores, kept: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
         """Label-space maps ``(B, K, gh, gw)``: values (-1 for classes not kept), owner, prototype."""

@@ -28,7 +28,12 @@ from sdzero.segmentation.features import SDQueryExtractor, build_extractor
 from sdzero.segmentation.filters import ClipFilter
 from sdzero.segmentation.inference import PrototypeBank, Segmenter
 from sdzero.segmentation.masks import available_mask_proposers
-from sdzero.segmentation.prototypes import PrototypeCache, Prototypes, build_prototypes
+from sdzero.segmentation.prototypes import (
+    KMEANS_SAMPLE,
+    PrototypeCache,
+    Prototypes,
+    build_prototypes,
+)
 from sdzero.segmentation.support import FolderSupport, GeneratedSupport
 
 log = logging.getLogger(__name__)
@@ -56,8 +61,10 @@ class OVDiffModule(EvaluationModule):
         num_support: int = 32,
         guidance_scale: float = 8.0,
         sampling_steps: int = 30,
+        sample_batch: int = 8,
         extractors: Sequence[str] = ("sd", "dino", "clip"),
         kmeans_k: int = 32,
+        kmeans_sample: int = KMEANS_SAMPLE,
         mask_proposer: str = "cutler",
         prototype_cache: str | None = None,
         clip_filter: bool = True,
@@ -68,6 +75,7 @@ class OVDiffModule(EvaluationModule):
         window_sizes: Sequence[int] = (448, 336),
         stride: int = 224,
         short_side: int = 448,
+        window_batch: int = 8,
         sd_timestep: int = 200,
         vit_weights: str = "pretrained",
         support_seed: int = 42,
@@ -88,18 +96,28 @@ class OVDiffModule(EvaluationModule):
             )
         positive = {"num_support": num_support, "sampling_steps": sampling_steps}
         positive |= {"kmeans_k": kmeans_k, "stride": stride, "short_side": short_side}
+        if type(kmeans_sample) is not int or kmeans_sample < 0:
+            raise ValueError(
+                f"method.kmeans_sample must be an int >= 0 (0: k-means++ on all pixels), got "
+                f"{kmeans_sample!r}"
+            )
         if min(positive.values()) < 1 or min(window_sizes, default=1) < 1:
             raise ValueError(
                 f"method: {positive} and window_sizes {list(window_sizes)} must be >= 1"
             )
+        for key, value in {"sample_batch": sample_batch, "window_batch": window_batch}.items():
+            if value < 1:
+                raise ValueError(f"method.{key} must be >= 1, got {value}")
         if not 0 <= stuff_threshold <= 1:
             raise ValueError(f"method.stuff_threshold must lie in [0, 1], got {stuff_threshold}")
         self.backbone = dict(backbone)
         self.num_support = num_support
         self.guidance_scale = guidance_scale
         self.sampling_steps = sampling_steps
+        self.sample_batch = sample_batch
         self.extractor_names = extractors
         self.kmeans_k = kmeans_k
+        self.kmeans_sample = kmeans_sample
         self.mask_proposer = mask_proposer
         self.prototype_cache = prototype_cache
         self.clip_filter = clip_filter
@@ -110,6 +128,7 @@ class OVDiffModule(EvaluationModule):
         self.window_sizes = [int(s) for s in window_sizes]
         self.stride = stride
         self.short_side = short_side
+        self.window_batch = window_batch
         self.sd_timestep = sd_timestep
         self.vit_weights = vit_weights
         self.support_seed = support_seed
@@ -152,6 +171,7 @@ class OVDiffModule(EvaluationModule):
             guidance_scale=self.guidance_scale,
             steps=self.sampling_steps,
             seed=self.support_seed,
+            batch_size=self.sample_batch,
         )
 
     def _load_sd(self) -> Any:
@@ -193,6 +213,7 @@ class OVDiffModule(EvaluationModule):
         sd, extractors = self._components()
         args = (extractors, self._support_source(sd, support_root), self.mask_proposer)
         kwargs = {"cache": PrototypeCache(self.cache_root()), "kmeans_k": self.kmeans_k}
+        kwargs["kmeans_sample"] = self.kmeans_sample
         world, rank = self._world()
         if world > 1:
             if names[rank::world]:
@@ -245,6 +266,7 @@ class OVDiffModule(EvaluationModule):
             window_sizes=self.window_sizes,
             stride=self.stride,
             short_side=self.short_side,
+            window_batch=self.window_batch,
             use_pamr=self.pamr,
             class_filter=class_filter,
             device=self.device,

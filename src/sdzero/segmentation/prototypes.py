@@ -32,6 +32,7 @@ from sdzero.segmentation.support import SupportSet, settings_hash, slug
 log = logging.getLogger(__name__)
 
 CLASS_MEAN, IMAGE_MEAN, KMEANS_CENTRE = 0, 1, 2
+KMEANS_SAMPLE = 0  # default kmeans_sample: k-means++ on all pixels, as the official sklearn call
 FORMAT = 1
 _MAGIC = b"SDZPROTO1\n"
 
@@ -90,6 +91,13 @@ class Prototypes:
             )
 
 
+def _check_kmeans_sample(kmeans_sample: int) -> None:
+    if not isinstance(kmeans_sample, int) or isinstance(kmeans_sample, bool) or kmeans_sample < 0:
+        raise ValueError(
+            f"kmeans_sample must be an int >= 0 (0: k-means++ on all pixels), got {kmeans_sample!r}"
+        )
+
+
 def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``(N, H, W)`` bool -> ``(N, gh, gw)`` bool: bilinear interpolation, then any nonzero."""
     out = F.interpolate(masks[:, None].float(), size=grid, mode="bilinear", align_corners=False)
@@ -97,7 +105,7 @@ def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def _side(
-    features: torch.Tensor, masks: torch.Tensor, k: int, seed: int, what: str
+    features: torch.Tensor, masks: torch.Tensor, k: int, seed: int, sample: int, what: str
 ) -> tuple[torch.Tensor, ...]:
     """Prototypes of one side: rows, kind, image, region (see :class:`Prototypes`)."""
     n, d, gh, gw = features.shape
@@ -129,7 +137,7 @@ def _side(
             len(pixels),
         )
         k = len(pixels)
-    result = kmeans(pixels, k, seed=seed)
+    result = kmeans(pixels, k, seed=seed, init_sample=sample)
     for c in range(k):
         members = result.labels == c
         per_image = torch.bincount(owner[members], minlength=n)
@@ -158,13 +166,17 @@ def prototypes_from_features(
     support: Sequence[str] | None = None,
     kmeans_k: int = 32,
     kmeans_seed: int = 0,
+    kmeans_sample: int = KMEANS_SAMPLE,
 ) -> Prototypes:
     """Prototypes from support features ``(N, D, gh, gw)`` and bool masks ``(N, H, W)`` (pixels).
 
     Rows are ordered class mean, per-image means (image order), k-means centres. ``support``: one
-    name (file path) per image, default ``"support #i"``. ``ValueError`` if no image has
-    foreground on the grid; no background pixels give ``Q = 0``.
+    name (file path) per image, default ``"support #i"``. ``kmeans_sample``: k-means is seeded
+    and first converged on that many pooled pixels, then refined on all (0: k-means++ on all
+    pixels, sklearn's procedure; see :func:`~sdzero.segmentation.kmeans.kmeans`). ``ValueError``
+    if no image has foreground on the grid; no background pixels give ``Q = 0``.
     """
+    _check_kmeans_sample(kmeans_sample)
     if features.ndim != 4 or fg_masks.shape != bg_masks.shape or fg_masks.ndim != 3:
         raise ValueError(
             f"expected features (N, D, gh, gw) and fg/bg masks (N, H, W); got "
@@ -177,13 +189,14 @@ def prototypes_from_features(
         raise ValueError(f"{len(support)} support names for {len(features)} feature maps")
     grid = tuple(features.shape[-2:])
     what = f"{class_name!r}/{extractor}"
-    fg = _side(features, masks_to_grid(fg_masks, grid), kmeans_k, kmeans_seed, f"{what} fg")
+    km = (kmeans_k, kmeans_seed, kmeans_sample)
+    fg = _side(features, masks_to_grid(fg_masks, grid), *km, f"{what} fg")
     if len(fg[0]) == 0:
         raise ValueError(
             f"class {what}: no support image has foreground pixels; check the support images and "
             "the mask proposer"
         )
-    bg = _side(features, masks_to_grid(bg_masks, grid), kmeans_k, kmeans_seed, f"{what} bg")
+    bg = _side(features, masks_to_grid(bg_masks, grid), *km, f"{what} bg")
     sides = {
         f"{side}{suffix}": part[j]
         for side, part in (("fg", fg), ("bg", bg))
@@ -277,6 +290,7 @@ def build_prototypes(
     mask_options: Mapping[str, Any] | None = None,
     kmeans_k: int = 32,
     kmeans_seed: int = 0,
+    kmeans_sample: int = KMEANS_SAMPLE,
     batch_size: int = 8,
 ) -> dict[str, dict[str, Prototypes]]:
     """``{class: {extractor name: Prototypes}}`` for every class and extractor.
@@ -297,6 +311,7 @@ def build_prototypes(
         raise ValueError(f"need distinct extractors, got {[e.name for e in extractors]}")
     if kmeans_k < 1 or batch_size < 1:
         raise ValueError(f"kmeans_k and batch_size must be >= 1, got {kmeans_k}, {batch_size}")
+    _check_kmeans_sample(kmeans_sample)
     options = dict(mask_options or {})
     proposers: list[Any] = []  # built on the first miss: cached classes need no mask model
 
@@ -330,6 +345,7 @@ def build_prototypes(
                 support=support.paths or None,
                 kmeans_k=kmeans_k,
                 kmeans_seed=kmeans_seed,
+                kmeans_sample=kmeans_sample,
             )
         return built
 
@@ -341,6 +357,7 @@ def build_prototypes(
             "masks": {"kind": mask_proposer, **options},
             "kmeans_k": kmeans_k,
             "kmeans_seed": kmeans_seed,
+            "kmeans_sample": kmeans_sample,
         }
         settings = {e: {**common, "extractor": by_name[e].settings} for e in by_name}
         if cache is None:

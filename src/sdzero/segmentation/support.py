@@ -3,7 +3,10 @@
 Generated sets follow OVDiff's ``sample_support_set.py``: DPM-Solver++ (2M) from the backbone's
 betas, ``steps`` steps, classifier-free guidance ``guidance_scale``, prompt "A good picture of a
 {name}" with the official negative prompt, a CPU generator re-seeded per class, batches of 8. Each
-image comes with an attribution map ("DAAM"): the cross-attention of the class-name tokens, see
+image's initial latent is its own draw from that generator, in image order: what the pipeline draws
+for a batch of one and, a 512 px latent having a multiple of 16 values (torch's CPU normal fill works
+in blocks of 16), for the official batches of 8 too; so the images do not depend on the batch size
+(up to float rounding). Each image comes with an attribution map ("DAAM"): the cross-attention of the class-name tokens, see
 :class:`AttributionAccumulator`. Both are cached as files and reused (:class:`GeneratedSupport`).
 """
 
@@ -136,9 +139,12 @@ def sample_support_set(
 
     ``sd`` needs its text encoder. Images are ``(N, 3, size, size)``; attribution is computed on
     the latent grid (64² at 512 px, OVDiff's fixed 64²) and normalised by
-    :func:`normalise_attribution`.
+    :func:`normalise_attribution`. The pipeline runs ``batch_size`` images at a time (the UNet
+    sees ``2 * batch_size`` with guidance); image ``i``'s initial latent ``(1, 4, size/8, size/8)``
+    is the ``i``-th such draw of a CPU generator seeded ``seed``, whatever the batch size.
     """
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers.utils.torch_utils import randn_tensor
 
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"class name must be a non-empty string, got {name!r}")
@@ -165,6 +171,13 @@ def sample_support_set(
     pipe.set_progress_bar_config(disable=True)
     grid = (size // pipe.vae_scale_factor,) * 2
     generator = torch.Generator().manual_seed(seed)
+    # One draw per image, as the pipeline draws a batch of one (a batched draw equals them only
+    # when an image's latent has a multiple of 16 values).
+    latent_shape = (1, sd.unet.config.in_channels, *grid)
+    initial = [
+        randn_tensor(latent_shape, generator=generator, dtype=sd.text_encoder.dtype)
+        for _ in range(num_support)
+    ]
     layers = cross_attention_layers(sd.unet)
     images, maps = [], []
     for start in range(0, num_support, batch_size):
@@ -179,7 +192,7 @@ def sample_support_set(
                 width=size,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
-                generator=generator,
+                latents=torch.cat(initial[start : start + n]),
                 output_type="pt",
             )
         images.append(out.images.float().cpu())
