@@ -63,7 +63,7 @@ class FitConfig:
     crop_margin: float = 0.15
     image_size: int = 512
     token: int = 1
-    batch_size: int = 5  # items per UNet call (bounds memory); 0 = all (points × embeddings) of a pair
+    batch_size: int = 5  # items per UNet call (bounds memory); 0 = all items of a pair
     truncate: bool = True  # stop the UNet after the last read layer (exact: same maps, same grads)
     cache_latents: bool = True  # encode each distinct crop of an image once (exact)
     # Options beyond exact (off by default; their measured effects are in the README):
