@@ -11,28 +11,34 @@ so the inertia ratio means something (on uniform noise every clustering scores t
     python benchmarks/bench_kmeans.py --quick    # 5k x 512: seconds
     python benchmarks/bench_kmeans.py --device cuda
 
-Both libraries use the process's threads (``OMP_NUM_THREADS``); wall-clock seconds.
+Both libraries use the process's threads (``OMP_NUM_THREADS``); wall-clock seconds. Measured with
+2 threads on a shared 2-core VM (approximate): sklearn 66 s (85 iterations; 72 s with one BLAS
+thread); ours 15.5 s with k-means++ on all points (inertia 0.991 x sklearn's) and 5.1 s with
+``init_sample=24576``, the prototypes' default (0.999 x; 13x faster).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 
 from sdzero.segmentation.kmeans import feature_mixture, kmeans
+from sdzero.segmentation.prototypes import KMEANS_SAMPLE
 
-try:
-    from common import Row, timed
-except ImportError:  # imported as benchmarks.bench_kmeans
-    from benchmarks.common import Row, timed
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import Row, timed  # noqa: E402
 
 K = 32
-FULL = (100_000, 7680, 16_384)  # points, dim, init_sample: pooled SD features of a class
+FULL = (100_000, 7680, KMEANS_SAMPLE)  # points, dim, init_sample: pooled SD features of a class
 QUICK = (5_000, 512, 1_250)
 T = TypeVar("T")
 

@@ -14,7 +14,13 @@ from sdzero.segmentation.kmeans import (
     feature_mixture,
     kmeans,
 )
-from sdzero.segmentation.prototypes import build_prototypes, prototypes_from_features
+from sdzero.segmentation.module import OVDiffModule
+from sdzero.segmentation.prototypes import (
+    KMEANS_SAMPLE,
+    PrototypeCache,
+    build_prototypes,
+    prototypes_from_features,
+)
 
 
 def _blobs(seed=0):
@@ -246,3 +252,32 @@ def test_prototypes_pass_kmeans_sample_and_reject_negative(monkeypatch):
         )
     with pytest.raises(ValueError, match="kmeans_sample"):
         build_prototypes(["a"], [ColourExtractor()], None, kmeans_sample=-5)
+
+
+def test_kmeans_sample_keys_the_prototype_cache(tmp_path):
+    class Recorder:  # a cache that records the settings it is asked for and builds nothing
+        def __init__(self):
+            self.settings = []
+
+        def get_or_build(self, name, build_fn, settings):
+            self.settings.append(settings["colour"])
+            return {}
+
+    class Source:
+        def settings(self, name):
+            return {"name": name}
+
+    cache = Recorder()
+    for kwargs in ({"kmeans_sample": 5}, {}):
+        build_prototypes(["a"], [ColourExtractor()], Source(), "saliency", cache, **kwargs)
+    five, default = cache.settings
+    assert five["kmeans_sample"] == 5 and default["kmeans_sample"] == KMEANS_SAMPLE
+    paths = PrototypeCache(tmp_path)
+    assert paths.path("a", "colour", five) != paths.path("a", "colour", default)
+
+
+def test_ovdiff_module_validates_kmeans_sample():
+    module = OVDiffModule(backbone={}, mask_proposer="attention", kmeans_sample=0)
+    assert module.kmeans_sample == 0
+    with pytest.raises(ValueError, match="method.kmeans_sample must be an int >= 0"):
+        OVDiffModule(backbone={}, mask_proposer="attention", kmeans_sample=-1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -52,7 +52,12 @@ class _Points:
     chunks in turn, as sklearn's OpenMP loop does: a chunk stays in one core's cache through all the
     work on it and no thread waits for another before the pass ends (multi-threaded torch ops on
     small chunks synchronise once per op, which is slow on a busy machine). Every chunk gives its
-    own result, so results do not depend on the number of workers."""
+    own result, so results do not depend on the number of workers.
+
+    ``sq`` ``(N,)``: the squared norms of the centred rows (float32, for distances; with
+    ``norms=False`` left to the first pass that reads every row); ``sq_total``: their sum, exact
+    in float64, set by that pass (see ``_assign``).
+    """
 
     def __init__(
         self,
@@ -61,14 +66,16 @@ class _Points:
         chunk_size: int,
         pool: ThreadPoolExecutor | None,
         workers: int,
+        norms: bool = True,
     ) -> None:
         self.x, self.mean, self.chunk_size = x, mean, chunk_size
         self.pool, self.workers = pool, workers
         self._local = threading.local()  # one buffer for the centred chunk per thread
-        sq = torch.cat(
-            self.map(lambda _, rows: torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64))
-        ).square_()
-        self.sq, self.sq_total = sq.to(x.dtype), float(sq.sum())  # |x_i|^2 (N,) and their sum
+        self.sq: torch.Tensor | None = None
+        self.sq_total = math.nan
+        if norms:
+            self.sq = torch.cat(self.map(lambda _, rows: torch.linalg.vector_norm(rows, dim=1)))
+            self.sq.square_()
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The centred rows ``(M, D)`` at ``index``."""
@@ -77,7 +84,15 @@ class _Points:
 
     def subset(self, index: torch.Tensor) -> _Points:
         """The rows at ``index``, centred into a new tensor."""
-        return _Points(self.rows(index), None, self.chunk_size, self.pool, self.workers)
+        out = self.x.new_empty(len(index), self.x.shape[1])
+
+        def copy(sel: slice) -> None:
+            torch.index_select(self.x, 0, index[sel], out=out[sel])
+            if self.mean is not None:
+                out[sel].sub_(self.mean)
+
+        self.ranges(len(index), copy)
+        return _Points(out, None, self.chunk_size, self.pool, self.workers)
 
     def _chunk(self, sel: slice | torch.Tensor) -> torch.Tensor:
         if isinstance(sel, slice) and self.mean is None:
@@ -91,6 +106,21 @@ class _Points:
         rows = torch.index_select(self.x, 0, sel, out=buffer[: len(sel)])
         return rows if self.mean is None else rows.sub_(self.mean)
 
+    def ranges(self, n: int, fn: Callable[[slice], T], step: int | None = None) -> list[T]:
+        """``fn(sel)`` for consecutive slices of ``step`` (default ``chunk_size``) of
+        ``range(n)``, in order."""
+        step = step or self.chunk_size
+        sels = [slice(s, s + step) for s in range(0, n, step)]
+        if self.pool is None or len(sels) == 1:
+            return [fn(sel) for sel in sels]
+        share = self.workers
+
+        def work(first: int) -> list[T]:
+            return [fn(sel) for sel in sels[first::share]]
+
+        parts = list(self.pool.map(work, range(share)))
+        return [parts[i % share][i // share] for i in range(len(sels))]
+
     def map(
         self,
         fn: Callable[[slice | torch.Tensor, torch.Tensor], T],
@@ -99,20 +129,9 @@ class _Points:
         """``fn(sel, centred rows x[sel])`` for consecutive chunks ``sel`` (slices) of all points,
         or of ``index`` (index tensors), in order. ``fn`` may write to disjoint parts of shared
         tensors; the rows are valid during the call only."""
-        n = self.x.shape[0] if index is None else len(index)
-        sels = [
-            slice(s, s + self.chunk_size) if index is None else index[s : s + self.chunk_size]
-            for s in range(0, n, self.chunk_size)
-        ]
-        if self.pool is None or len(sels) == 1:
-            return [fn(sel, self._chunk(sel)) for sel in sels]
-        share = self.workers
-
-        def work(first: int) -> list[T]:
-            return [fn(sel, self._chunk(sel)) for sel in sels[first::share]]
-
-        parts = list(self.pool.map(work, range(share)))
-        return [parts[i % share][i // share] for i in range(len(sels))]
+        if index is None:
+            return self.ranges(self.x.shape[0], lambda sel: fn(sel, self._chunk(sel)))
+        return self.ranges(len(index), lambda sel: fn(index[sel], self._chunk(index[sel])))
 
 
 def _sq_dists(points: _Points, centred: torch.Tensor) -> torch.Tensor:
@@ -163,27 +182,33 @@ class _Assignment:
 def _assign(
     points: _Points, centres: torch.Tensor, state: _Assignment, index: torch.Tensor | None
 ) -> int:
-    """Nearest centres of all points (``index=None``: ``sums``/``counts`` are rebuilt) or of the
-    points at ``index`` (they are updated by the points that move); exact bounds for those points.
-    Returns how many points changed label."""
+    """Nearest centres of all points (``index=None``: ``sums``/``counts`` are rebuilt, and the
+    points' ``sq_total``, and ``sq`` if missing) or of the points at ``index`` (they are updated by
+    the points that move); exact bounds for those points. Returns how many points changed label."""
     k = centres.shape[0]
     c_sq, centres_t = _sq_norms(centres), centres.T
     incremental = index is not None
+    norms = points.sq is None
+    sq = points.x.new_empty(points.x.shape[0]) if norms else points.sq
 
     def chunk(sel: slice | torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        wide = None if incremental else rows.double()  # for exact sums
+        if wide is not None:
+            sq64 = torch.linalg.vector_norm(wide, dim=1).square_()
+            if norms:
+                sq[sel] = sq64
         # |x - c_k|^2 = |x|^2 + |c_k|^2 - 2 x.c_k
         d = torch.addmm(c_sq, rows, centres_t, alpha=-2)
         nearest, new = d.min(1)
         old = state.labels[sel]
         moved = torch.nonzero(new != old).flatten()
         old = old[moved]  # a copy: the labels are overwritten next
-        state.lower[sel] = d.add_(points.sq[sel, None]).clamp_(min=0).sqrt_()
-        state.upper[sel] = (nearest + points.sq[sel]).clamp_(min=0).sqrt_()
+        state.lower[sel] = d.add_(sq[sel, None]).clamp_(min=0).sqrt_()
+        state.upper[sel] = (nearest + sq[sel]).clamp_(min=0).sqrt_()
         state.labels[sel] = new
-        if not incremental:
-            sums = torch.zeros(k, rows.shape[1], dtype=torch.float64, device=rows.device)
-            sums.index_add_(0, new, rows.double())
-            return sums, torch.bincount(new, minlength=k), moved.new_tensor(len(moved))
+        if wide is not None:
+            sums = wide.new_zeros(k, rows.shape[1]).index_add_(0, new, wide)
+            return sums, torch.bincount(new, minlength=k), moved.new_tensor(len(moved)), sq64.sum()
         if len(moved) == 0:
             return None
         # Moved points leave their old cluster and join the new one.
@@ -196,13 +221,22 @@ def _assign(
     parts = [p for p in points.map(chunk, index) if p is not None]
     if not parts:
         return 0
-    sums, counts, moved = (torch.stack(column).sum(0) for column in zip(*parts, strict=True))
+    sums, counts, moved, *total = (_fold(column) for column in zip(*parts, strict=True))
     if incremental:
         state.sums += sums
         state.counts += counts
     else:
         state.sums, state.counts = sums, counts
+        points.sq, points.sq_total = sq, float(total[0])
     return int(moved)
+
+
+def _fold(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of equally shaped tensors, in order (fewer copies than ``torch.stack(...).sum(0)``)."""
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total += tensor
+    return total
 
 
 def _inertia(
@@ -280,7 +314,7 @@ def _lloyd(
         moves = torch.linalg.vector_norm(new_centres - centres, dim=1)
         shift = float((moves.double() ** 2).sum())
         centres = new_centres
-        index = None if len(empty) else _candidates(state, centres, moves)
+        index = None if len(empty) else _candidates(points, state, centres, moves)
         if shift <= tol:
             break
     if not converged:  # as sklearn, the labels of the final centres
@@ -288,20 +322,27 @@ def _lloyd(
     return KMeansResult(centres, state.labels, _inertia(points, centres, state), n_iter)
 
 
-def _candidates(state: _Assignment, centres: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
+def _candidates(
+    points: _Points, state: _Assignment, centres: torch.Tensor, moves: torch.Tensor
+) -> torch.Tensor:
     """Move the bounds with the centres (which moved by ``moves`` ``(K,)``) and return the points
     whose label may change."""
-    state.upper += moves[state.labels]
-    state.lower -= moves
     exact = centres.double()
     gram = exact @ exact.T
     gaps = (gram.diag()[:, None] + gram.diag()[None] - 2 * gram).clamp_(min=0).sqrt_()
+    # Centre j cannot be nearer than a point's own centre a if |x - c_a| <= |x - c_j| or
+    # |x - c_a| <= |c_a - c_j| / 2; a itself is never nearer (infinite half gap to itself).
     half_gaps = (0.5 * gaps.fill_diagonal_(math.inf)).to(state.lower.dtype)  # (K, K)
-    # Centre j cannot be nearer than a point's own one a if |x - c_a| <= |x - c_j| or
-    # |x - c_a| <= |c_a - c_j| / 2; a's own column is never a reason (infinite half gap).
-    bound = torch.maximum(state.lower, half_gaps[state.labels])
-    bound.scatter_(1, state.labels[:, None], math.inf)
-    return torch.nonzero(state.upper > bound.min(1).values).flatten()
+
+    def chunk(sel: slice) -> torch.Tensor:
+        labels = state.labels[sel]
+        upper = state.upper[sel].add_(moves[labels])
+        lower = state.lower[sel].sub_(moves)
+        bound = torch.maximum(lower, half_gaps[labels]).min(1).values
+        return torch.nonzero(upper > bound).flatten().add_(sel.start)
+
+    n = len(state.labels)
+    return torch.cat(points.ranges(n, chunk, step=max(4096, -(-n // points.workers))))
 
 
 def _best_of(
@@ -333,7 +374,8 @@ def kmeans(
         kept); ``"auto"`` means 1, as sklearn for k-means++. With ``init_sample``, all run on the
         subsample and only the best one is refined on all points.
     :param tol: sklearn's relative tolerance: stop when the total squared centre shift is at most
-        ``tol`` times the mean per-feature variance of ``x``.
+        ``tol`` times the mean per-feature variance of ``x`` (of the subsample with
+        ``init_sample``).
     :param seed: seeds the CPU generator behind every random choice (sklearn's ``random_state``).
     :param chunk_size: rows per block; default 8 MiB of rows on CPU (a chunk stays in cache from
         its distances to its centre sums), 32768 rows on other devices.
@@ -383,15 +425,17 @@ def kmeans(
         torch.set_num_threads(1)
         pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))
     try:
-        points = _Points(x, mean, chunk_size, pool, threads)
-        tol_abs = tol * points.sq_total / x.numel()  # x mean per-feature variance
+        # With a subsample, the first pass over all points computes their norms on the way.
+        points = _Points(x, mean, chunk_size, pool, threads, norms=not sample)
         if sample:
             index = torch.randperm(n, generator=generator)[:sample].sort().values
             part = points.subset(index.to(x.device))
+            tol_abs = tol * float(part.sq.double().sum()) / part.x.numel()  # x mean variance
             warm = _best_of(part, k, n_init, generator, max_iter, tol_abs)
             best = _lloyd(points, warm.centres, max_iter, tol_abs, min_gain=tol)
             best.n_iter_sample = warm.n_iter
         else:
+            tol_abs = tol * float(points.sq.double().sum()) / x.numel()
             best = _best_of(points, k, n_init, generator, max_iter, tol_abs)
     finally:
         if pool is not None:
