@@ -98,10 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=["*"], help="job name globs")
     parser.add_argument("--list", action="store_true", help="print the job names and exit")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--render", nargs="+", help="print the table of saved --json files")
+    parser.add_argument("--peak-gflops", type=float, help="with --render: the CPU peak to use")
     parser.add_argument("--run-job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_job:
         run_one(args.run_job, args.device, args.quick)
+        return 0
+    if args.render:
+        saved = [json.loads(Path(p).read_text()) for p in args.render]
+        peak = args.peak_gflops * 1e9 if args.peak_gflops else None
+        print("\n".join(s["header"] for s in saved))
+        print(format_table([r for s in saved for r in s["results"]], args.device, peak))
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
