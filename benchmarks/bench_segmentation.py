@@ -9,7 +9,7 @@ Benchmark-runner jobs (``jobs(quick)``, see ``common.py``), one row per mode:
   classes (65 FG and 65 BG rows each, as 32 support images give; no CLIP class filter), once with
   ``window_batch=1`` (one window per forward call) and once with the default ``window_batch``.
   FLOPs are those of one image (convolutions, matmuls and attention, counted with SDPA as its math
-  decomposition); the floor is FLOPs / the measured matmul FLOP/s of the device.
+  decomposition); the floor is FLOPs / the device's measured peak (best of a matmul and a 3x3 conv).
 - ``seg-protos``: prototype build seconds per class through ``build_prototypes`` (no cache) at a
   reduced setting (4 support images of 256², 4 DPM-Solver steps, ``attention`` masks, the three
   extractors, k-means K=32), with support images sampled one at a time and all 4 in one batch.
@@ -89,7 +89,7 @@ from sdzero.segmentation.support import GeneratedSupport, sample_support_set
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Row, count_flops, measured_matmul_flops, timed  # noqa: E402
+from benchmarks.common import Row, count_flops, measured_peak_flops, timed  # noqa: E402
 
 KMEANS_K = 32
 FEATURE_DIM = 7680  # SD 1.5 cross-attention queries of OVDiff's layers
@@ -430,7 +430,7 @@ def job_infer(device: str, quick: bool = False) -> list[Row]:
     image = random_image(*setting.image)
     work = resize_short_side(image, setting.short_side).shape[1:]
     windows = sliding_windows(*work, setting.window_sizes, setting.stride)
-    peaks = [measured_matmul_flops(device)]
+    peaks = [measured_peak_flops(device)]
     names = "+".join(e.name for e in extractors)
     unit = (
         f"test image {setting.image[0]}x{setting.image[1]} ({len(windows)} windows of "
@@ -452,8 +452,8 @@ def job_infer(device: str, quick: bool = False) -> list[Row]:
             flops = count_flops(lambda s=segment: s(image))
         seconds = timed(lambda s=segment: s(image), device, repeats=3 if quick else 1, warmup=0)
         timings.append((batch, seconds))
-        peaks.append(measured_matmul_flops(device))
-    # The best matmul rate seen around the timings: on a shared machine one measurement may be
+        peaks.append(measured_peak_flops(device))
+    # The best peak rate seen around the timings: on a shared machine one measurement may be
     # taken while others compute, which would inflate the floor.
     peak = max(peaks)
     floor = flops / peak
@@ -466,7 +466,7 @@ def job_infer(device: str, quick: bool = False) -> list[Row]:
             flops,
             f"random weights ({setting.arch}), 3 classes x 65 FG/BG prototypes, no CLIP filter; "
             f"floor {floor:.2f} s ({100 * floor / seconds:.0f}% of time) at {peak / 1e9:.0f} "
-            "GFLOP/s matmul",
+            "GFLOP/s peak",
         )
         for batch, seconds in timings
     ]

@@ -30,7 +30,7 @@ import importlib
 
 import torch
 
-from benchmarks.common import gpu_peak, measured_matmul_flops
+from benchmarks.common import gpu_peak, measured_peak_flops
 
 MODULES = ("bench_correspondence", "bench_segmentation", "bench_kmeans")
 MARK = "SDZERO-BENCH-ROWS "
@@ -61,24 +61,35 @@ def run_one(name: str, device: str, quick: bool) -> None:
     )
 
 
-def _peak_flops(row: dict, device: str, cpu_peak: float | None) -> float | None:
+def _half(row: dict) -> bool:
+    return any(k in row["mode"] for k in ("bf16", "fp16"))
+
+
+def _peak_flops(row: dict, device: str, cpu_peaks: dict | None) -> float | None:
     if device.startswith("cuda"):
-        half = any(k in row["mode"] for k in ("bf16", "fp16"))
-        return gpu_peak(torch.bfloat16 if half else torch.float32)
-    return cpu_peak
+        return gpu_peak(torch.bfloat16 if _half(row) else torch.float32)
+    return None if cpu_peaks is None else cpu_peaks["bf16" if _half(row) else "fp32"]
 
 
-def format_table(results: list[dict], device: str, cpu_peak: float | None) -> str:
+def cpu_peaks() -> dict:
+    """Measured CPU peaks (FLOP/s) for fp32 and bf16 rows."""
+    return {
+        "fp32": measured_peak_flops("cpu", torch.float32),
+        "bf16": measured_peak_flops("cpu", torch.bfloat16),
+    }
+
+
+def format_table(results: list[dict], device: str, cpu_peaks: dict | None) -> str:
     """Markdown table of the jobs' rows."""
     lines = [
-        "| section | unit | mode | seconds | GFLOP | achieved TFLOP/s | floor s (% of time) "
+        "| section | unit | mode | seconds | GFLOP | achieved TFLOP/s | floor s (% of peak) "
         "| job peak memory GB | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
         for row in result["rows"]:
             flops, sec = row["flops"], row["seconds"]
-            peak = _peak_flops(row, device, cpu_peak)
+            peak = _peak_flops(row, device, cpu_peaks)
             gflop = f"{flops / 1e9:.1f}" if flops else ""
             rate = f"{flops / sec / 1e12:.3f}" if flops and sec > 0 else ""
             floor = ""
@@ -91,6 +102,17 @@ def format_table(results: list[dict], device: str, cpu_peak: float | None) -> st
     return "\n".join(lines)
 
 
+def _header(device: str, peaks: dict | None) -> str:
+    header = f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}"
+    header += f", torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if peaks:
+        header += (
+            f", measured peak (best of matmul and 3x3 conv) fp32 {peaks['fp32'] / 1e9:.0f} / "
+            f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s"
+        )
+    return header
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -99,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the job names and exit")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--render", nargs="+", help="print the table of saved --json files")
-    parser.add_argument("--peak-gflops", type=float, help="with --render: the CPU peak to use")
     parser.add_argument("--run-job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_job:
@@ -107,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.render:
         saved = [json.loads(Path(p).read_text()) for p in args.render]
-        peak = args.peak_gflops * 1e9 if args.peak_gflops else None
-        print("\n".join(s["header"] for s in saved))
-        print(format_table([r for s in saved for r in s["results"]], args.device, peak))
+        peaks = None if args.device.startswith("cuda") else cpu_peaks()
+        print(_header(args.device, peaks) + " (peaks measured when rendering)")
+        print(format_table([r for s in saved for r in s["results"]], args.device, peaks))
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
@@ -117,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list or not names:
         print("\n".join(names) or f"no job matches {args.only}")
         return 0 if names else 2
-    cpu_peak = None if args.device.startswith("cuda") else measured_matmul_flops("cpu")
+    peaks = None if args.device.startswith("cuda") else cpu_peaks()
     results, failed = [], []
     for name in names:
         cmd = [sys.executable, "-m", "benchmarks.run", "--run-job", name, "--device", args.device]
@@ -136,13 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         result = {"job": name, **json.loads(lines[-1][len(MARK) :])}
         results.append(result)
-        print(format_table([result], args.device, cpu_peak).splitlines()[-1], file=sys.stderr)
-    header = f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}"
-    header += f", torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if cpu_peak:
-        header += f", measured fp32 matmul peak {cpu_peak / 1e9:.0f} GFLOP/s"
+        print(format_table([result], args.device, peaks).splitlines()[-1], file=sys.stderr)
+    header = _header(args.device, peaks)
     print(header)
-    print(format_table(results, args.device, cpu_peak))
+    print(format_table(results, args.device, peaks))
     if args.json:
         Path(args.json).write_text(
             json.dumps({"header": header, "results": results, "failed": failed}, indent=1)
