@@ -139,6 +139,7 @@ def effect(device: str, quick: bool) -> list[Row]:
         "checkpointing": dict(checkpointing=True),
         "shared crop": dict(shared_crop=True),
         "early stop (patience 8)": dict(early_stop_patience=8, early_stop_delta=0.02),
+        "early stop (patience 25)": dict(early_stop_patience=25, early_stop_delta=0.02),
     }
     if device.startswith("cuda"):
         options["fp16"] = dict(autocast="fp16")
