@@ -17,6 +17,15 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def sd():
+    """A tiny random-weight Stable Diffusion, fresh for each test module (fits switch state on it,
+    e.g. gradient checkpointing)."""
+    from sdzero.backbones.sd import load_stable_diffusion
+
+    return load_stable_diffusion(None, "tiny")
+
+
 @pytest.fixture(autouse=True)
 def _no_run_dir_leak(monkeypatch):
     """`sdzero eval` exports the run folder for DDP ranks; tests must not inherit each other's."""

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 
 from sdzero.backbones.attention import cross_attention_layers
-from sdzero.backbones.sd import load_stable_diffusion
 from sdzero.correspondence.crops import (
     corner_crops,
     crop_size,
@@ -22,11 +21,6 @@ from sdzero.correspondence.fitting import (
 from sdzero.correspondence.frames import ModelFrame
 
 S = 128
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return load_stable_diffusion(None, "tiny")
 
 
 def _image(seed=0):

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from datamodules.synthetic_correspondence import SyntheticCorrespondenceDataModule
-from sdzero.backbones.sd import load_stable_diffusion
 from sdzero.config import compose
 from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
 from sdzero.correspondence.frames import ModelFrame
@@ -23,11 +22,6 @@ from sdzero.runs import run_eval
 
 S = 128
 CHANCE = math.pi * (0.1 * S) ** 2 / S**2  # 3.1%
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return load_stable_diffusion(None, "tiny")
 
 
 def _errors(sd, kind):

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdzero.backbones.sd import load_stable_diffusion
 from sdzero.correspondence.fitting import (
     EarlyStop,
     FitConfig,
@@ -17,11 +16,6 @@ from sdzero.correspondence.fitting import (
 )
 
 S = 128
-
-
-@pytest.fixture(scope="module")
-def sd():
-    return load_stable_diffusion(None, "tiny")
 
 
 def _image(seed=0):
