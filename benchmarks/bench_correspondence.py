@@ -204,7 +204,7 @@ def jobs(quick: bool) -> dict[str, Callable[[str], list[Row]]]:
     for size in sizes:
         for mode in MODES:
             out[f"corr-{mode}-{size}"] = partial(_timing_job, size, mode, arch)
-    out["corr-effect"] = partial(_effect_job, quick)
+    out["corr-effect"] = partial(effect, quick=quick)
     return out
 
 
@@ -212,10 +212,6 @@ def _timing_job(size: int, mode: str, arch: str, device: str) -> list[Row]:
     if mode == "fp16" and not device.startswith("cuda"):
         return []  # fp16 autocast is a GPU option
     return measure(size, mode, device, arch)
-
-
-def _effect_job(quick: bool, device: str) -> list[Row]:
-    return effect(device, quick)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,13 @@ from sdzero.segmentation.support import GeneratedSupport, sample_support_set
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Row, count_flops, measured_peak_flops, timed  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Row,
+    count_flops,
+    measured_peak_flops,
+    synchronize,
+    timed,
+)
 
 KMEANS_K = 32
 FEATURE_DIM = 7680  # SD 1.5 cross-attention queries of OVDiff's layers
@@ -97,17 +103,12 @@ OFFICIAL_SUPPORT = 32  # support images per class in OVDiff: P = 1 + 32 + 32 pro
 WINDOW_BATCH = inspect.signature(Segmenter).parameters["window_batch"].default
 
 
-def _sync(device: str | torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _clock(fn: Callable[[], Any], device: str | torch.device) -> tuple[Any, float]:
     """``fn()`` and its wall-clock seconds (device work included)."""
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
-    _sync(device)
+    synchronize(device)
     return out, time.perf_counter() - start
 
 
@@ -185,11 +186,11 @@ class _ForwardTimer:
             ]
 
     def _pre(self, *_: Any) -> None:
-        _sync(self.device)
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def _post(self, *_: Any) -> None:
-        _sync(self.device)
+        synchronize(self.device)
         self.seconds += time.perf_counter() - self._start
 
     def remove(self) -> None:

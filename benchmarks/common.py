@@ -30,8 +30,9 @@ class Row:
         return asdict(self)
 
 
-def synchronize(device: str) -> None:
-    if str(device).startswith("cuda"):
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 

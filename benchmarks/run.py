@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if names else 2
     peaks = None if args.device.startswith("cuda") else cpu_peaks()
     results, failed = [], []
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     for name in names:
         cmd = [sys.executable, "-m", "benchmarks.run", "--run-job", name, "--device", args.device]
         cmd += ["--quick"] if args.quick else []

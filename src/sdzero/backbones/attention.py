@@ -100,14 +100,6 @@ class Captured:
     output: torch.Tensor | None = None
 
 
-def _heads(x: torch.Tensor, n_heads: int, keep: Sequence[int]) -> torch.Tensor:
-    """``(B, N, heads*d)`` -> ``(B*len(keep), N, d)``: the kept heads, batch-major like diffusers'
-    ``head_to_batch_dim``."""
-    b, n, _ = x.shape
-    x = x.view(b, n, n_heads, -1)[:, :, list(keep)]
-    return x.permute(0, 2, 1, 3).reshape(b * len(keep), n, -1)
-
-
 class _CaptureProcessor:
     """Attention processor that computes the attention explicitly and hands probabilities/queries over."""
 
@@ -154,7 +146,12 @@ class _CaptureProcessor:
         stop = self.last and owner.truncate  # the path must not depend on `live` (recomputation)
         if owner.probs and stop and owner.heads is not None and attention_mask is None:
             # The pass ends here: only the read heads' probabilities are computed.
-            q, k = (_heads(t, attn.heads, owner.heads) for t in (query, attn.to_k(context)))
+            q, k = (
+                attn.head_to_batch_dim(t)
+                .unflatten(0, (batch, attn.heads))[:, owner.heads]
+                .flatten(0, 1)
+                for t in (query, attn.to_k(context))
+            )
             read = attn.get_attention_scores(q, k).view(batch, len(owner.heads), n_query, -1)
             if live:
                 owner._emit(self.name, "probs", read)

@@ -17,7 +17,8 @@ its own loss term (losses are summed, never averaged across items), so batching 
 speed. The other exact levers: the UNet stops after the last read layer (``truncate``) and each
 distinct crop of an image is VAE-encoded once per pair (:class:`LatentCache`). Options beyond exact,
 off by default: ``autocast`` (bf16/fp16), ``checkpointing``, ``shared_crop`` (one crop per step for
-the restarts of a query point) and early stopping (:class:`EarlyStop`). :meth:`PromptCorrespondence.step_maps` and :meth:`PromptCorrespondence.readout` take crops and
+the restarts of a query point) and early stopping (:class:`EarlyStop`).
+:meth:`PromptCorrespondence.step_maps` and :meth:`PromptCorrespondence.readout` take crops and
 noise as arguments so another implementation can be fed identical inputs and compared.
 """
 
