@@ -113,3 +113,80 @@ def test_instantiate_checks_the_signature():
     assert instantiate({"_target_": "logging.Formatter", "datefmt": "%H"}, key="x").datefmt == "%H"
     with pytest.raises(ConfigError, match="cannot be imported"):
         instantiate({"_target_": "nowhere.Thing"}, key="x")
+
+
+# ------------------------------------------------------------ settings dataclasses are the schema
+
+
+def _method_files() -> dict[str, tuple[dict, list[str]]]:
+    """option -> (its own keys, without defaults/_target_; the options it inherits)."""
+    files = {}
+    for option in available("method"):
+        raw = OmegaConf.load(config_dir() / "method" / f"{option}.yaml")
+        parents = [str(p) for p in raw.pop("defaults", [])]
+        raw.pop("_target_", None)
+        files[option] = (OmegaConf.to_container(raw), parents)
+    return files
+
+
+def test_method_yaml_holds_only_what_differs_from_the_code(tmp_path):
+    from sdzero.config import settings_class
+    from sdzero.settings import settings_defaults
+
+    files = _method_files()
+    for option, (own, parents) in files.items():
+        cfg = compose(None, [f"method={option}", *_required_overrides(tmp_path)])
+        cls = settings_class(cfg.method)
+        if cls is None:
+            continue
+        composed = OmegaConf.to_container(cfg.method)
+        composed.pop("_target_")
+        defaults = settings_defaults(cls)
+        assert set(composed) == set(defaults), option  # every key comes from the dataclass
+        inherited = dict(defaults)
+        for parent in parents:
+            inherited |= files[parent][0]
+        for key, value in own.items():  # a written value is a real difference, written once
+            assert value != inherited[key], f"method/{option}.yaml restates {key}={value}"
+        differs = {k: v for k, v in composed.items() if v != defaults[k]}
+        assert differs == {k: v for k, v in {**inherited, **own}.items() if v != defaults[k]}
+
+
+def test_ldm_corr_clean_inherits_ldm_corr_and_changes_four_keys(tmp_path):
+    base = compose(None, _required_overrides(tmp_path)).method
+    clean = compose(None, ["method=ldm_corr_clean", *_required_overrides(tmp_path)]).method
+    changed = {k for k in base if base[k] != clean[k]}
+    assert changed == {"heads", "infer_timestep", "noise", "gaussian_grid"}
+    assert clean.lr == 0.0023755632081200314 and clean.gaussian_grid == "center"
+
+
+def test_bad_method_settings_fail_at_compose_naming_the_key(tmp_path):
+    req = _required_overrides(tmp_path)
+    for item, pattern in (
+        ("method.noise=foo", r"method\.noise must be 'uniform' or 'gaussian'"),
+        ("method.steps=abc", r"method\.steps must be an integer, got 'abc'"),
+        ("method.heads=4", r"method\.heads must be a list of an integer or null, got 4"),
+        ("method.lr=[1,2]", r"method\.lr must be a number"),
+        ("method.gaussian_grid=edge", r"method\.gaussian_grid must be one of"),
+    ):
+        with pytest.raises(ConfigError, match=pattern):
+            compose(None, [item, *req])
+    assert compose(None, ["method.lr=1", *req]).method.lr == 1  # an int is a number
+
+
+def test_group_options_inherit_and_cycles_are_refused(tmp_path, monkeypatch):
+    import shutil
+
+    root = tmp_path / "configs"
+    shutil.copytree(config_dir(), root)
+    monkeypatch.setenv("SDZERO_CONFIG_DIR", str(root))
+    (root / "method" / "mine.yaml").write_text("defaults: [ldm_corr_clean]\nsteps: 7\n")
+    cfg = compose(None, ["method=mine", *_required_overrides(tmp_path)])
+    assert cfg.method.steps == 7 and cfg.method.noise == "gaussian" and cfg.method.heads is None
+    (root / "method" / "typo.yaml").write_text("defaults: [ldm_corr]\nstesp: 7\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key 'stesp'.*steps"):
+        compose(None, ["method=typo", *_required_overrides(tmp_path)])
+    (root / "method" / "a.yaml").write_text("defaults: [b]\n")
+    (root / "method" / "b.yaml").write_text("defaults: [a]\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        compose(None, ["method=a", *_required_overrides(tmp_path)])

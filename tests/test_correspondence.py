@@ -37,7 +37,7 @@ def _cfg(**kw):
 
 
 def test_crop_size_matches_the_official_477_px():
-    assert crop_size(512, 0.9317) == 477
+    assert crop_size(512, FitConfig().crop_fraction) == 477
     with pytest.raises(ValueError, match="crop_fraction"):
         crop_size(512, 1.5)
 
@@ -55,8 +55,17 @@ def test_random_crops_keep_the_margin_and_stay_inside():
     assert random_crop_around((3.0, 509.0), 512, size, 0.15, g)[:2] == (0, 35)
 
 
+def test_random_crop_bounds_are_truncated_as_the_official_code():
+    # q = 420.3: the offset range is [420.3 - 477 + 71, 35] = [14.3, 35], truncated to 14..35
+    # (rounding the lower bound up would lose offset 14, where q sits 70.7 px from the border)
+    g = torch.Generator().manual_seed(0)
+    seen = {random_crop_around((420.3, 100.0), 512, 477, 0.15, g)[0] for _ in range(600)}
+    assert seen == set(range(14, 36))
+
+
 def test_corner_crops_and_crop_frame():
-    assert corner_crops(512, 477) == [(0, 0, 477), (35, 0, 477), (0, 35, 477), (35, 35, 477)]
+    # the official order: TL, BL, TR, BR (x offset slowest)
+    assert corner_crops(512, 477) == [(0, 0, 477), (0, 35, 477), (35, 0, 477), (35, 35, 477)]
     p = torch.tensor([135.0, 35.0 + 477 / 2])
     torch.testing.assert_close(
         to_crop_frame(p, (35, 35, 477), 512), torch.tensor([107.337, 256.0]), atol=1e-3, rtol=0
@@ -66,11 +75,19 @@ def test_corner_crops_and_crop_frame():
     assert torch.equal(out[1], img[1, :, 4:, 4:])
 
 
-def test_gaussian_target_peaks_at_the_point():
-    t = gaussian_targets(torch.tensor([[10.5, 20.5]]), 32, 3.0)
+def test_gaussian_target_grids():
+    # "center": pixel (i, j) sits at (j + 0.5, i + 0.5); a point at a pixel centre peaks there
+    t = gaussian_targets(torch.tensor([[10.5, 20.5]]), 32, 3.0, "center")
     assert t.shape == (1, 32, 32)
     assert t[0, 20, 10] == 1.0 and t.argmax() == 20 * 32 + 10
     assert torch.isclose(t[0, 20, 13], torch.exp(torch.tensor(-9 / 18)))
+    # "index" (official): pixel (i, j) sits at (j, i); the same point is half a pixel off every grid
+    # point, so the four pixels (20..21, 10..11) tie at exp(-0.5 / 18)
+    t = gaussian_targets(torch.tensor([[10.5, 20.5]]), 32, 3.0)
+    peak = torch.exp(torch.tensor(-0.5 / 18))
+    torch.testing.assert_close(t[0, 20:22, 10:12], peak.expand(2, 2))
+    assert t[0, 20, 10] == t.max() and FitConfig().gaussian_grid == "index"
+    assert gaussian_targets(torch.tensor([[3.0, 7.0]]), 16, 2.0)[0, 7, 3] == 1.0
 
 
 def test_model_frame_round_trip_and_letterbox():
@@ -86,6 +103,21 @@ def test_model_frame_round_trip_and_letterbox():
     )
     with pytest.raises(ValueError, match="method.resize"):
         ModelFrame(1, 1, 512, "crop")
+
+
+def test_model_frame_resizes_like_the_official_pil_loader():
+    # the official loaders: torchvision Resize((512, 512)) of the PIL image, then ToTensor
+    from PIL import Image
+    from torchvision import transforms
+
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (3, 75, 130), dtype=torch.uint8, generator=g)
+    pil = Image.fromarray(u8.permute(1, 2, 0).numpy())
+    official = transforms.ToTensor()(transforms.Resize((128, 128))(pil))
+    assert torch.equal(ModelFrame(130, 75, 128).image(u8)[0], official)
+    # not the float antialiased resize sdzero used before (differs by up to 1/255)
+    smooth = F.interpolate(u8[None].float() / 255, size=(128, 128), mode="bilinear", antialias=True)
+    assert (smooth[0] - official).abs().max() > 0.5 / 255
 
 
 # ------------------------------------------------------------------------------------- readout

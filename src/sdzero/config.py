@@ -10,6 +10,7 @@ closest valid keys, and a required value left as ``???`` is an error naming the 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -70,6 +71,46 @@ def _group_file(group: str, option: str) -> Path:
             f"{', '.join(available(group))}).{_did_you_mean(option, available(group))}"
         )
     return path
+
+
+def _load_option(group: str, option: str, chain: tuple[str, ...] = ()) -> DictConfig:
+    """A group option file, merged over the options its own ``defaults`` list names (inheritance:
+    ``defaults: [ldm_corr]`` in ``method/ldm_corr_clean.yaml``), then over its target's settings
+    schema (see :func:`_with_schema`)."""
+    if option in chain:
+        raise ConfigError(f"configs/{group}: options inherit in a cycle: {' -> '.join(chain)}")
+    path = _group_file(group, option)
+    cfg = _load_yaml(path)
+    parents = cfg.pop("defaults", [])
+    if not isinstance(parents, ListConfig) and parents != []:
+        raise ConfigError(f"{path}: 'defaults' must be a list of {group} options to inherit")
+    bases = [_load_option(group, str(p), (*chain, option)) for p in parents]
+    merged = OmegaConf.merge(*bases, cfg) if bases else cfg
+    return _with_schema(merged, str(path)) if not chain else merged
+
+
+def settings_class(node: DictConfig | dict) -> type | None:
+    """The settings dataclass of a node's ``_target_`` (its ``settings_class``), if it has one."""
+    target = node.get("_target_")
+    return getattr(_import(str(target)), "settings_class", None) if target else None
+
+
+def _with_schema(node: DictConfig, source: str) -> DictConfig:
+    """``node`` over the defaults of its target's settings dataclass, so the composed config holds
+    every key (the YAML holds only what differs); a key that is not a setting is an error."""
+    cls = settings_class(node)
+    if cls is None:
+        return node
+    from sdzero.settings import settings_defaults
+
+    defaults = settings_defaults(cls)
+    for key in node:
+        if key != "_target_" and key not in defaults:
+            raise ConfigError(
+                f"{source}: unknown key {key!r} for {node._target_}."
+                f"{_did_you_mean(str(key), list(defaults))}"
+            )
+    return OmegaConf.merge({"_target_": node._target_, **defaults}, node)
 
 
 def _split_defaults(cfg: DictConfig, source: str) -> dict[str, str]:
@@ -162,7 +203,7 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
     for group in GROUPS:
         if group not in choices:
             raise ConfigError(f"eval.yaml's defaults list has no entry for group {group!r}")
-        cfg[group] = _load_yaml(_group_file(group, choices[group]))
+        cfg[group] = _load_option(group, choices[group])
     cfg.choices = dict(choices)
     if experiment:
         cfg.experiment = (
@@ -180,6 +221,14 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
         )
     OmegaConf.resolve(cfg)
     OmegaConf.set_struct(cfg, True)
+    for group in GROUPS:  # settings are checked now, before any dataset file is read
+        cls = settings_class(cfg[group]) if "_target_" in cfg[group] else None
+        if cls is not None:
+            from sdzero.settings import build_settings
+
+            values = OmegaConf.to_container(cfg[group], resolve=True)
+            values.pop("_target_")
+            build_settings(cls, values, key=group)
     return cfg
 
 
@@ -205,9 +254,13 @@ def instantiate(node: DictConfig | dict, key: str = "", **extra: Any) -> Any:
     factory = _import(target)
     params.update(extra)
     sig = inspect.signature(factory)
+    schema = getattr(factory, "settings_class", None)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    if not accepts_any:
-        names = [n for n in sig.parameters if n != "self"]
+    if schema is not None or not accepts_any:
+        names = [
+            n for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD
+        ]
+        names += [f.name for f in dataclasses.fields(schema)] if schema is not None else []
         for name in params:
             if name not in names:
                 raise ConfigError(

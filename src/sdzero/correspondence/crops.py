@@ -7,14 +7,12 @@ back to S×S before the VAE. Every random draw takes an explicit ``torch.Generat
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 
 def crop_size(image_size: int, crop_fraction: float) -> int:
-    """Side of the square crops: ``int(S * fraction)`` (477 px for 512 and 0.9317, as the code)."""
+    """Side of the square crops: ``int(S * fraction)`` (477 px for 512 and the official 93.165…%)."""
     size = int(image_size * crop_fraction)
     if not 0 < size <= image_size:
         raise ValueError(
@@ -24,12 +22,14 @@ def crop_size(image_size: int, crop_fraction: float) -> int:
 
 
 def _offset_range(q: float, size: int, image_size: int, margin: int) -> tuple[int, int]:
-    """Integer offsets that keep coordinate ``q`` at least ``margin`` px inside a crop of ``size``."""
-    lo = max(0, math.ceil(q + margin - size))
-    hi = min(image_size - size, math.floor(q - margin))
-    if lo > hi:  # too close to the image border for the margin: the nearest feasible offset
-        lo = hi = min(max((lo + hi) // 2, 0), image_size - size)
-    return lo, hi
+    """Integer offsets of a crop of ``size`` that keep coordinate ``q`` at least ``margin`` px from
+    its borders, as the official ``crop_image``: both real bounds clamped to ``[0, S - size]``, then
+    truncated with ``int()``. Near the image border the range collapses to the nearest feasible
+    offset (the bounds never cross while ``margin < size / 2``)."""
+    far = image_size - size
+    lo = min(max(0.0, q - size + margin), far)
+    hi = min(max(0.0, q - margin), far)
+    return int(lo), int(hi)
 
 
 def random_crop_around(
@@ -50,9 +50,11 @@ def random_crop_around(
 
 
 def corner_crops(image_size: int, size: int) -> list[tuple[int, int, int]]:
-    """The four corner crops (top-left, top-right, bottom-left, bottom-right)."""
+    """The four corner crops in the official order: top-left, bottom-left, top-right, bottom-right
+    (the x offset varies slowest; the official code crops around the points (0, 0), (0, S), (S, 0),
+    (S, S))."""
     far = image_size - size
-    return [(0, 0, size), (far, 0, size), (0, far, size), (far, far, size)]
+    return [(0, 0, size), (0, far, size), (far, 0, size), (far, far, size)]
 
 
 def cut_and_resize(

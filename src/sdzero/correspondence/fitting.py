@@ -44,32 +44,38 @@ from sdzero.correspondence.crops import (
 
 Box = tuple[int, int, int]
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+GAUSSIAN_GRIDS = ("index", "center")
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Hyper-parameters; the defaults are the official code's (SD 1.4, DDIM-50 grid)."""
+    """Hyper-parameters of the fitting loop: each is a ``method.*`` key, and these defaults (the
+    official code's: SD 1.4, DDIM-50 grid, ``eval/eval.py``'s digits) are its only definition."""
 
-    steps: int = 129
-    lr: float = 2.3756e-3
-    num_embeddings: int = 5
-    inference_crops: int = 20
-    layers: tuple[int | str, ...] = (7, 8, 9, 10)
-    heads: tuple[int, ...] | None = (4, 5, 6, 7)
-    sigma: float = 27.98  # px at S=512; scaled with image_size
-    opt_timestep: int = 140  # timesteps[-8] of the DDIM-50 grid
-    infer_timestep: int = 40  # timesteps[-3], hard-coded for inference by the official code
-    noise: str = "uniform"  # the official code noises with torch.rand_like (U[0, 1))
-    crop_fraction: float = 0.9317
-    crop_margin: float = 0.15
-    image_size: int = 512
-    token: int = 1
-    batch_size: int = 5  # items per UNet call (bounds memory); 0 = all items of a pair
+    steps: int = 129  # Adam steps per embedding
+    lr: float = 0.0023755632081200314  # Adam learning rate (the official digits of a tuned value)
+    num_embeddings: int = 5  # independent random restarts per query point (averaged at readout)
+    inference_crops: int = 20  # target crops per embedding: 4 corners, then around the argmax
+    layers: tuple[int | str, ...] = (7, 8, 9, 10)  # of the 16 cross-attention layers (or paths):
+    # up 16x16 x3 + first up 32x32 (the official "layers 5-8" of the maps with <= 32^2 queries)
+    heads: tuple[int, ...] | None = (4, 5, 6, 7)  # official quirk: attn[h // 2:]; None = all
+    sigma: float = 27.97853316316864  # Gaussian target std, px at S=512 (scaled with image_size)
+    gaussian_grid: str = "index"  # target at pixel indices 0..S-1 (official) | "center" (i + 0.5)
+    opt_timestep: int = 140  # t while optimising: timesteps[-8] of the DDIM-50 grid
+    infer_timestep: int = 40  # t at inference: the official code hard-codes timesteps[-3]
+    noise: str = "uniform"  # official quirk: torch.rand_like, U[0, 1) | "gaussian": N(0, 1)
+    crop_fraction: float = (
+        0.9316549294381423  # crop side / image side (official 93.165...%: 477 px)
+    )
+    crop_margin: float = 0.15  # the query stays >= this fraction of the crop side from its border
+    image_size: int = 512  # model frame side S
+    token: int = 1  # the conditioning token whose map is supervised and read
+    batch_size: int = 5  # (query, embedding) items per UNet call (bounds memory); 0 = all of a pair
     truncate: bool = True  # stop the UNet after the last read layer (exact: same maps, same grads)
     cache_latents: bool = True  # encode each distinct crop of an image once (exact)
-    # Options beyond exact (off by default; their measured effects are in the README):
-    autocast: str | None = None  # "bf16" | "fp16": UNet and VAE under torch.autocast
-    checkpointing: bool = False  # gradient checkpointing of the UNet blocks (memory for time)
+    # Options beyond exact, off by default (their measured effects: README, "Speed options"):
+    autocast: str | None = None  # "bf16" | "fp16" (GPU): UNet and VAE under torch.autocast
+    checkpointing: bool = False  # gradient checkpointing: less memory, one more partial forward
     shared_crop: bool = False  # one crop per step for all restarts of a query point
     early_stop_patience: int = 0  # > 0: an item stops after this many steps without improvement
     early_stop_delta: float = 0.01  # relative improvement of the loss EMA that resets patience
@@ -85,6 +91,10 @@ class FitConfig:
             )
         if self.image_size % 64:
             raise ValueError(f"method.image_size must be a multiple of 64, got {self.image_size}")
+        if self.gaussian_grid not in GAUSSIAN_GRIDS:
+            raise ValueError(
+                f"method.gaussian_grid must be one of {GAUSSIAN_GRIDS}, got {self.gaussian_grid!r}"
+            )
         if self.noise not in {"uniform", "gaussian"}:
             raise ValueError(f"method.noise must be 'uniform' or 'gaussian', got {self.noise!r}")
         if not 0 < self.crop_margin < 0.5:
@@ -101,11 +111,19 @@ class FitConfig:
         crop_size(self.image_size, self.crop_fraction)
 
 
-def gaussian_targets(points_xy: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Peak-1 Gaussians ``(B, size, size)`` centred at ``points_xy`` ``(B, 2)``, evaluated at pixel centres."""
-    grid = torch.arange(size, dtype=points_xy.dtype, device=points_xy.device) + 0.5
-    dx = (grid[None, :] - points_xy[:, :1]) ** 2  # (B, W)
-    dy = (grid[None, :] - points_xy[:, 1:]) ** 2  # (B, H)
+def gaussian_targets(
+    points_xy: torch.Tensor, size: int, sigma: float, grid: str = "index"
+) -> torch.Tensor:
+    """Peak-1 Gaussians ``(B, size, size)`` centred at ``points_xy`` ``(B, 2)`` (crop-frame px).
+
+    ``grid="index"`` evaluates pixel ``(i, j)`` at the integer coordinates ``(j, i)``, as the
+    official ``gaussian_circle`` does; ``"center"`` at the pixel centre ``(j + 0.5, i + 0.5)``,
+    consistent with the pixel-edge frame of the points (the official target sits half a pixel off).
+    """
+    shift = {"index": 0.0, "center": 0.5}[grid]
+    grid_xy = torch.arange(size, dtype=points_xy.dtype, device=points_xy.device) + shift
+    dx = (grid_xy[None, :] - points_xy[:, :1]) ** 2  # (B, W)
+    dy = (grid_xy[None, :] - points_xy[:, 1:]) ** 2  # (B, H)
     return torch.exp(-(dy[:, :, None] + dx[:, None, :]) / (2 * sigma**2))
 
 
@@ -303,6 +321,7 @@ class PromptCorrespondence:
         generators: Sequence[torch.Generator],
         groups: Sequence[int] | None = None,
         latents: LatentCache | None = None,
+        init: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fit one conditioning tensor per item.
 
@@ -311,14 +330,17 @@ class PromptCorrespondence:
         :param generators: one per item (initialisation, crops and noise are drawn from it).
         :param groups: the query point of each item; used by ``shared_crop`` only.
         :param latents: a :meth:`latent_cache` of ``source`` to share across calls.
+        :param init: ``(B, 77, D)`` initial tensors instead of the N(0, 1) draws (to feed another
+            implementation's draw); the generators still draw the crops and noise.
         :return: ``(B, 77, D)`` fitted conditioning tensors (detached). ``steps_taken`` ``(B,)``
             holds each item's number of steps (< ``steps`` only with early stopping).
         """
         b = len(generators)
         cache = latents or self.latent_cache(source)
         share = groups if self.cfg.shared_crop else None
-        cond = torch.stack([torch.randn(self.cond_shape, generator=g) for g in generators])
-        cond = cond.to(self.device).requires_grad_(True)
+        drawn = [torch.randn(self.cond_shape, generator=g) for g in generators]
+        cond = torch.stack(drawn) if init is None else init.detach().clone()
+        cond = cond.to(self.device, torch.float32).requires_grad_(True)
         optimiser = torch.optim.Adam([cond], lr=self.cfg.lr)
         scaler = torch.amp.GradScaler(self.device.type) if self.cfg.autocast == "fp16" else None
         stopper = EarlyStop(b, self.cfg.early_stop_patience, self.cfg.early_stop_delta)
@@ -338,7 +360,9 @@ class PromptCorrespondence:
                 targets = torch.stack(
                     [to_crop_frame(p, box, self.size) for p, box in zip(pts, boxes, strict=True)]
                 )
-                targets = gaussian_targets(targets.to(self.device), self.size, self.sigma)
+                targets = gaussian_targets(
+                    targets.to(self.device), self.size, self.sigma, self.cfg.gaussian_grid
+                )
                 optimiser.zero_grad(set_to_none=True)
                 frozen = None if len(items) == b else cond.detach().clone()
                 part = cond if frozen is None else cond[items]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 RESIZE_MODES = ("stretch", "letterbox")
 
@@ -55,12 +57,21 @@ class ModelFrame:
         return box * box.new_tensor([sx, sy, sx, sy])
 
     def image(self, image_u8: torch.Tensor) -> torch.Tensor:
-        """``(3, h, w)`` uint8 -> ``(1, 3, S, S)`` float in [0, 1] (bilinear, antialiased)."""
-        if image_u8.ndim != 3 or image_u8.shape[0] != 3:
-            raise ValueError(f"expected a (3, H, W) RGB image, got shape {tuple(image_u8.shape)}")
+        """``(3, h, w)`` uint8 -> ``(1, 3, S, S)`` float in [0, 1].
+
+        Resized as the official loaders do: PIL bilinear on the uint8 image (torchvision's
+        ``Resize`` of a PIL image), then divided by 255, so the VAE sees the official pixels.
+        """
+        if image_u8.ndim != 3 or image_u8.shape[0] != 3 or image_u8.dtype != torch.uint8:
+            raise ValueError(
+                f"expected a (3, H, W) uint8 RGB image, got {image_u8.dtype} "
+                f"of shape {tuple(image_u8.shape)}"
+            )
         cw, ch = self.content_wh
-        x = image_u8.float().div(255).unsqueeze(0)
-        x = F.interpolate(x, size=(ch, cw), mode="bilinear", align_corners=False, antialias=True)
+        pil = Image.fromarray(image_u8.permute(1, 2, 0).cpu().contiguous().numpy())
+        if pil.size != (cw, ch):
+            pil = pil.resize((cw, ch), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div(255)[None]
         if (cw, ch) != (self.size, self.size):
             x = F.pad(x, (0, self.size - cw, 0, self.size - ch))
-        return x.clamp(0, 1)
+        return x

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +12,18 @@ from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
 from sdzero.correspondence.frames import ModelFrame
 from sdzero.evaluation import EvaluationModule
-from sdzero.metrics.pck import PCK, threshold_size
+from sdzero.metrics.pck import PCK, THRESHOLD_KINDS, threshold_size
+from sdzero.settings import build_settings
 
 PCK_FRAMES = ("original", "resized")
 XSCALE = "bbox-target-xscale"  # the official CUB threshold, see the class docstring
 
 
-class PromptCorrespondenceModule(EvaluationModule):
-    """Hedlin et al.'s method as an evaluation module; every argument is a ``method.*`` config key.
+@dataclass(frozen=True)
+class CorrespondenceSettings(FitConfig):
+    """Every ``method.*`` key of ``ldm_corr``: the fitting loop's (:class:`FitConfig`) plus the
+    model frame and the scoring. Defaults reproduce the official code.
 
-    Defaults reproduce the official code (see :class:`~sdzero.correspondence.fitting.FitConfig`).
     Scoring: ``pck_threshold`` (``bbox-target`` | ``bbox-source`` | ``bbox-keypoints`` |
     ``bbox-keypoints-padded`` | ``image`` | ``bbox-target-xscale``) measured in ``pck_frame``
     (``original`` pixels of the target, or ``resized``: the model frame, as the official code
@@ -29,78 +31,57 @@ class PromptCorrespondenceModule(EvaluationModule):
     original pixels times the x-axis scale only (``S / width``); it needs ``pck_frame=resized``.
     """
 
+    resize: str = "stretch"  # stretch (official) | letterbox (keeps the aspect ratio)
+    pck_threshold: str = "bbox-target"
+    pck_frame: str = "original"  # original (target pixels) | resized (model frame, official)
+    pck_alphas: tuple[float, ...] = (0.05, 0.1, 0.15)
+    pck_inclusive: bool = True  # <= (official, DIFT) | < (SD-DINO)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pck_frame not in PCK_FRAMES:
+            raise ValueError(
+                f"method.pck_frame must be one of {PCK_FRAMES}, got {self.pck_frame!r}"
+            )
+        ModelFrame(1, 1, self.image_size, self.resize)  # validates method.resize
+        if self.pck_threshold == XSCALE and self.pck_frame != "resized":
+            raise ValueError(f"method.pck_threshold={XSCALE} is defined in pck_frame=resized only")
+        kinds = (*THRESHOLD_KINDS, XSCALE)
+        if self.pck_threshold not in kinds:
+            raise ValueError(
+                f"method.pck_threshold must be one of {kinds}, got {self.pck_threshold!r}"
+            )
+        alphas = self.pck_alphas
+        if not alphas or min(alphas) <= 0 or len(set(alphas)) != len(alphas):
+            raise ValueError(f"method.pck_alphas must be distinct numbers > 0, got {list(alphas)}")
+
+
+class PromptCorrespondenceModule(EvaluationModule):
+    """Hedlin et al.'s method as an evaluation module; ``settings`` are the ``method.*`` keys of
+    :class:`CorrespondenceSettings` (the single source of their defaults)."""
+
+    settings_class = CorrespondenceSettings
+
     def __init__(
         self,
         backbone: dict[str, Any],
-        steps: int = 129,
-        lr: float = 2.3756e-3,
-        num_embeddings: int = 5,
-        inference_crops: int = 20,
-        layers: Sequence[int | str] = (7, 8, 9, 10),
-        heads: Sequence[int] | None = (4, 5, 6, 7),
-        sigma: float = 27.98,
-        opt_timestep: int = 140,
-        infer_timestep: int = 40,
-        noise: str = "uniform",
-        crop_fraction: float = 0.9317,
-        crop_margin: float = 0.15,
-        image_size: int = 512,
-        token: int = 1,
-        batch_size: int = 5,
-        truncate: bool = True,
-        cache_latents: bool = True,
-        autocast: str | None = None,
-        checkpointing: bool = False,
-        shared_crop: bool = False,
-        early_stop_patience: int = 0,
-        early_stop_delta: float = 0.01,
-        resize: str = "stretch",
-        pck_threshold: str = "bbox-target",
-        pck_frame: str = "original",
-        pck_alphas: Sequence[float] = (0.05, 0.1, 0.15),
-        pck_inclusive: bool = True,
         seed: int = 0,
         run_dir: str | None = None,
         visuals: int = 0,
+        **settings: Any,
     ) -> None:
         super().__init__(run_dir=run_dir, visuals=visuals)
-        self.fit_cfg = FitConfig(
-            steps=steps,
-            lr=lr,
-            num_embeddings=num_embeddings,
-            inference_crops=inference_crops,
-            layers=tuple(layers),
-            heads=None if heads is None else tuple(heads),
-            sigma=sigma,
-            opt_timestep=opt_timestep,
-            infer_timestep=infer_timestep,
-            noise=noise,
-            crop_fraction=crop_fraction,
-            crop_margin=crop_margin,
-            image_size=image_size,
-            token=token,
-            batch_size=batch_size,
-            truncate=truncate,
-            cache_latents=cache_latents,
-            autocast=autocast,
-            checkpointing=checkpointing,
-            shared_crop=shared_crop,
-            early_stop_patience=early_stop_patience,
-            early_stop_delta=early_stop_delta,
-        )
-        if pck_frame not in PCK_FRAMES:
-            raise ValueError(f"method.pck_frame must be one of {PCK_FRAMES}, got {pck_frame!r}")
-        ModelFrame(1, 1, image_size, resize)  # validates method.resize
+        self.fit_cfg = build_settings(CorrespondenceSettings, settings)
         self.backbone_dtype = as_dtype(backbone.get("dtype", "float32"), "backbone.dtype")
         self.backbone_cfg = dict(backbone)
-        self.resize = resize
-        self.pck_frame = pck_frame
+        self.resize = self.fit_cfg.resize
+        self.pck_frame = self.fit_cfg.pck_frame
         self.seed = int(seed)
-        if pck_threshold == XSCALE and pck_frame != "resized":
-            raise ValueError(f"method.pck_threshold={XSCALE} is defined in pck_frame=resized only")
-        self.pck_threshold = pck_threshold
-        kind = "bbox-target" if pck_threshold == XSCALE else pck_threshold
-        self.metric = PCK(alphas=pck_alphas, threshold=kind, inclusive=pck_inclusive)
+        self.pck_threshold = self.fit_cfg.pck_threshold
+        kind = "bbox-target" if self.pck_threshold == XSCALE else self.pck_threshold
+        self.metric = PCK(
+            alphas=self.fit_cfg.pck_alphas, threshold=kind, inclusive=self.fit_cfg.pck_inclusive
+        )
         self.sd = None
         self.method: PromptCorrespondence | None = None
 
