@@ -83,13 +83,19 @@ def test_colour_extractor_known_answer():
 # --- prototypes on constructed features --------------------------------------------------------
 
 
-def test_masks_to_grid_any_overlap_counts():
+def test_masks_to_grid_counts_the_centre_pixels_of_each_block():
     masks = torch.zeros(1, 8, 8, dtype=torch.bool)
     masks[0, 2:4, 4:6] = True  # exactly cell (1, 2)
-    masks[0, 7, 1] = True  # one pixel of cell (3, 0)
+    masks[0, 7, 1] = True  # one pixel of cell (3, 0); with 2x2 blocks every pixel is central
     expected = torch.zeros(1, 4, 4, dtype=torch.bool)
     expected[0, 1, 2] = expected[0, 3, 0] = True
     assert torch.equal(masks_to_grid(masks, (4, 4)), expected)
+    # 8x8 blocks: bilinear samples rows/columns 8i + 3.5, so only pixels 8i + 3 and 8i + 4 count.
+    big = torch.zeros(2, 16, 16, dtype=torch.bool)
+    big[0, :3, :3] = big[0, 5:8, 5:8] = True  # cell (0, 0) minus its centre: empty on the grid
+    big[1, 4, 11] = True  # a centre pixel of cell (0, 1)
+    grid = masks_to_grid(big, (2, 2))
+    assert grid.flatten(1).tolist() == [[False] * 4, [False, True, False, False]]
 
 
 def _constructed():
@@ -128,14 +134,27 @@ def test_prototypes_known_means_centres_and_bookkeeping():
     for row in (3, 4):  # each centre: the image holding its pixels, and exactly those pixels
         image = 0 if p.fg[row, 0] < 3 else 1
         assert p.fg_image[row] == image and torch.equal(p.fg_region[row], grid_fg[image])
+    # BG: image 2 has no FG cell, so (officially) its background is skipped too: only image 0's
+    # one cell at (0, 9) is pooled (k-means falls back to K = 1).
+    assert p.bg_kind.tolist() == [CLASS_MEAN, IMAGE_MEAN, KMEANS_CENTRE]
+    assert torch.equal(p.bg, torch.tensor([[0.0, 9.0]] * 3))
+    assert p.bg_image.tolist() == [0, 0, 0] and p.bg_region.sum((1, 2)).tolist() == [1, 1, 1]
+    assert p.support == ["support #0", "support #1", "support #2"]
+    assert p.fg.dtype == torch.float32 and p.fg_region.shape == (5, 4, 4)
+
+
+def test_prototypes_background_of_images_with_foreground_drops_nan_cells():
+    feats, fg, bg = _constructed()
+    fg[2, 6:, :2] = True  # image 2 now has one FG cell, (3, 0), at (7, 7)
+    feats[2, :, 3, 0] = 7.0
+    p = prototypes_from_features(feats, fg, bg, class_name="thing", extractor="x", kmeans_k=2)
+    assert torch.allclose(p.fg[0], torch.tensor([(6 * 1 + 2 * 5 + 7) / 9, (10 + 7) / 9]))
     # BG: the NaN cell is dropped; image 2 keeps 3 cells at (-3, 0), image 0 one cell at (0, 9).
     assert p.bg_kind.tolist() == [CLASS_MEAN, IMAGE_MEAN, IMAGE_MEAN, KMEANS_CENTRE, KMEANS_CENTRE]
     assert torch.allclose(p.bg[0], torch.tensor([-9.0 / 4, 9.0 / 4]))
     assert torch.allclose(p.bg[1:3], torch.tensor([[0.0, 9.0], [-3.0, 0.0]]))
     assert p.bg_image.tolist()[:3] == [2, 0, 2]
     assert p.bg_region[0].sum() == 3 and not p.bg_region[0, 0, 3]
-    assert p.support == ["support #0", "support #1", "support #2"]
-    assert p.fg.dtype == torch.float32 and p.fg_region.shape == (5, 4, 4)
 
 
 def test_prototypes_k_larger_than_pixels_and_empty_sides(caplog):

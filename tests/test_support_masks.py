@@ -2,6 +2,7 @@
 
 import functools
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,11 +14,13 @@ from sdzero.backbones.sd import load_stable_diffusion
 from sdzero.backbones.tokenizer import offline_clip_tokenizer
 from sdzero.segmentation import masks, support
 from sdzero.segmentation.masks import (
+    CutlerInstances,
     build_mask_proposer,
     erode,
     propose_masks,
     rank_instance_masks,
     register_mask_proposer,
+    short_side_size,
 )
 from sdzero.segmentation.support import (
     PROMPT_TEMPLATE,
@@ -232,23 +235,85 @@ def test_erode_cross_footprint_border_counts_as_set():
     assert torch.equal(erode(full), full)  # the image border does not erode
 
 
+def _square(top: int, left: int, size: int, shape=(8, 8)) -> torch.Tensor:
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[top : top + size, left : left + size] = True
+    return mask
+
+
 def test_rank_instance_masks_official_ranking():
-    attribution = torch.zeros(8, 8)
+    attribution = torch.full((8, 8), 0.05)
     attribution[1:4, 1:4] = 0.9  # the object
     attribution[5:8, 5:8] = 0.3  # a distractor
-    obj = torch.zeros(8, 8, dtype=torch.bool)
-    obj[0:5, 0:5] = True  # mean 0.9 * 9 / 25 = 0.324
-    distractor = torch.zeros(8, 8, dtype=torch.bool)
-    distractor[4:8, 4:8] = True  # mean 0.3 * 9 / 16 = 0.169, overlaps obj at (4, 4)
+    obj = _square(0, 0, 5)  # mean (0.9 * 9 + 0.05 * 16) / 25 = 0.356
+    distractor = _square(4, 4, 4)  # mean (0.3 * 9 + 0.05 * 7) / 16 = 0.191, overlaps obj at (4, 4)
     fg, bg = rank_instance_masks(torch.stack([distractor, obj]), attribution)
     assert torch.equal(fg, obj)  # (4, 4) goes to the higher-scoring obj
-    # Lowest score: the complement of the union (mean 0), below 0.2 everywhere, eroded once.
+    # Lowest score: the complement of the union (mean 0.05), below 0.2 everywhere, eroded once.
     rest = ~(obj | distractor)
     assert torch.equal(bg, erode(rest))
     assert bg[0, 7] and bg[7, 0] and not bg[5, 0] and not bg[4, 6]
+    # A mask of weight 0 ties with the zero of every mask not covering the pixel: the official
+    # argmax gives its pixels to the top-ranked mask.
+    attribution[attribution == 0.05] = 0.0
+    fg, _ = rank_instance_masks(torch.stack([distractor, obj]), attribution)
+    assert torch.equal(fg, obj | rest)
     # No instance: the threshold fallback.
     fg0, bg0 = rank_instance_masks(torch.zeros(0, 8, 8, dtype=torch.bool), attribution)
     assert torch.equal(fg0, attribution > 0.5) and torch.equal(bg0, attribution < 0.2)
+
+
+def test_rank_instance_masks_official_edge_cases():
+    attribution = torch.full((8, 8), 0.1)
+    attribution[:, 4:] = 0.7
+    left, right = torch.zeros(2, 8, 8, dtype=torch.bool)
+    left[:, :4] = right[:, 4:] = True
+    # (a) Instances covering every pixel: the empty complement's weight is 0/0 = NaN, which ranks
+    # first and owns every pixel; fg is the whole image, bg the pixels below 0.2, eroded.
+    whole = torch.ones(8, 8, dtype=torch.bool)
+    for instances in (torch.stack([left, right]), torch.stack([left, right, ~whole])):
+        fg, bg = rank_instance_masks(instances, attribution)
+        assert torch.equal(fg, whole) and torch.equal(bg, erode(attribution < 0.2))
+        assert bg.sum() == 8 * 3  # the left columns 0..2 (column 3 borders the 0.7 half)
+    # (a') One empty instance mask among others: likewise NaN, whole-image foreground.
+    fg, _ = rank_instance_masks(torch.stack([_square(2, 2, 3), ~whole]), attribution)
+    assert torch.equal(fg, whole)
+    # (b) The lowest-scoring instance (mean 0) lies inside a higher one and owns no pixel: the
+    # background is the lowest-ranked mask that owns pixels, here the complement (mean 0.1).
+    attribution = torch.full((8, 8), 0.1)
+    attribution[:6, :6] = 0.8
+    attribution[2:4, 2:4] = 0.0
+    outer, inner = _square(0, 0, 6), _square(2, 2, 2)
+    fg, bg = rank_instance_masks(torch.stack([outer, inner]), attribution)
+    assert torch.equal(fg, outer)
+    assert torch.equal(bg, erode(~outer)) and bg.sum() == 16  # row 7, column 7 and (6, 6)
+
+
+def test_cutler_model_gets_rgb_scaled_and_resized_as_officially(monkeypatch):
+    calls = []
+    instance = _square(4, 8, 12, shape=(32, 48))
+
+    def model(batch):  # a stand-in CutLER model: records its input
+        calls.append(batch)
+        return [{"instances": SimpleNamespace(pred_masks=instance[None])}]
+
+    monkeypatch.setattr(masks, "_load_cutler", lambda *args: CutlerInstances(model, 800, 1333))
+    image = torch.zeros(3, 32, 48)
+    image[0], image[2] = 1.0, 0.5  # red 255, green 0, blue 127.5
+    attribution = torch.where(instance, 0.9, 0.05)
+    fg, bg = build_mask_proposer("cutler")(image, attribution)
+    (item,) = calls[0]
+    assert (item["height"], item["width"]) == (32, 48)
+    pixels = item["image"]
+    assert pixels.shape == (3, 800, 1200) and pixels.dtype == torch.float32  # short side 800
+    # RGB order (the model's INPUT.FORMAT), 0..255, not BGR.
+    assert torch.allclose(pixels.amin((1, 2)), torch.tensor([255.0, 0.0, 127.5]))
+    assert torch.allclose(pixels.amax((1, 2)), torch.tensor([255.0, 0.0, 127.5]))
+    assert torch.equal(fg, instance) and torch.equal(bg, erode(~instance))
+    # torchvision's Resize(800, max_size=1333): the long side is capped, the short one follows.
+    assert short_side_size(512, 512, 800, 1333) == (800, 800)
+    assert short_side_size(512, 1024, 800, 1333) == (666, 1333)
+    assert short_side_size(1024, 512, 800, 1333) == (1333, 666)
 
 
 def test_cutler_without_detectron2_says_how_to_install():

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -151,25 +150,24 @@ def rank_instance_masks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """OVDiff's CutLER ranking. ``instances`` ``(M, H, W)`` bool, ``attribution`` ``(H, W)``.
 
-    Mask 0 is the complement of the instances' union; every mask is scored by its mean attribution
-    and each pixel goes to the covering mask with the highest score. fg = the best mask's pixels;
-    bg = the worst mask's pixels with attribution < 0.2, eroded once. With no instance (M = 0)
-    the threshold fallback is used.
+    Mask 0 is the complement of the instances' union; every mask is weighted by its mean
+    attribution and the masks are ranked by weight, highest first. Each pixel goes to the ranked
+    mask maximising ``covers * weight`` (first on ties), so to the covering mask of highest weight.
+    fg = the pixels of the top-ranked mask; bg = those of the lowest-ranked mask that owns any
+    pixel, with attribution < 0.2, eroded once. As officially, an empty mask (no instance pixel,
+    or instances covering every pixel) has weight 0/0 = NaN, ranks first and owns every pixel
+    (NaN wins the argmax): fg is the whole image. With no instance (M = 0) the threshold
+    fallback is used.
     """
     if instances.shape[0] == 0:
         return threshold_masks(attribution)
-    masks = torch.cat([~instances.any(0, keepdim=True), instances.bool()])
-    area = masks.sum((1, 2))
-    score = (masks * attribution).sum((1, 2)) / area.clamp(min=1)
-    score = torch.where(area > 0, score, torch.full_like(score, float("nan")))
-    # Pixels take the covering mask of highest score; uncovered masks (NaN) never win.
-    ranked = torch.where(masks, score.nan_to_num(-torch.inf)[:, None, None], -torch.inf)
-    owner = ranked.argmax(0)
-    valid = torch.nonzero(area > 0).flatten()
-    best = int(valid[score[valid].argmax()])
-    worst = int(valid[score[valid].argmin()])
-    fg = owner == best
-    bg = erode((owner == worst) & (attribution < BG_THRESHOLD))
+    masks = torch.cat([~instances.any(0, keepdim=True), instances.bool()]).float()
+    weight = (masks * attribution.float()).sum((1, 2)) / masks.sum((1, 2))
+    order = torch.argsort(weight, descending=True, stable=True)  # NaN counts as largest
+    # An uncovered pixel of a mask scores 0 (NaN for a NaN weight, which fills its whole plane).
+    owner = (masks[order] * weight[order, None, None]).argmax(0)  # rank of each pixel's mask
+    fg = owner == 0
+    bg = erode((owner == owner.max()) & (attribution < BG_THRESHOLD))
     return fg, bg
 
 
@@ -195,6 +193,41 @@ def _cutler(
     return propose
 
 
+def short_side_size(height: int, width: int, short: int, max_size: int) -> tuple[int, int]:
+    """``(h, w)`` of torchvision's ``Resize(short, max_size=max_size)``: the short side becomes
+    ``short``, the long side ``int(short * long / short_side)``, both scaled down (rounding down)
+    if the long side would exceed ``max_size``."""
+    lo, hi = min(height, width), max(height, width)
+    new_lo, new_hi = short, int(short * hi / lo)
+    if new_hi > max_size:
+        new_lo, new_hi = int(max_size * new_lo / new_hi), max_size
+    return (new_lo, new_hi) if height <= width else (new_hi, new_lo)
+
+
+class CutlerInstances:
+    """``image (3, H, W) in [0, 1] -> instances (M, H, W) bool`` by a CutLER detectron2 ``model``,
+    called as the official ``utils/cutler.py`` does: the RGB image times 255 (float), resized to a
+    short side of ``min_size`` (long side at most ``max_size``) by bilinear interpolation without
+    antialias (torchvision 0.13 on tensors), in a batch of one with the original size as the output
+    size. The model sees RGB, its ``INPUT.FORMAT``; detectron2's ``DefaultPredictor`` would take
+    BGR and flip it itself."""
+
+    def __init__(self, model: Callable[[list[dict[str, Any]]], Any], min_size: int, max_size: int):
+        self.model = model
+        self.min_size = int(min_size)
+        self.max_size = int(max_size)
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        size = short_side_size(height, width, self.min_size, self.max_size)
+        pixels = F.interpolate(
+            image[None].float() * 255, size=size, mode="bilinear", align_corners=False
+        )[0]
+        out = self.model([{"image": pixels, "height": height, "width": width}])
+        return out[0]["instances"].pred_masks.cpu().bool()
+
+
 _CUTLER_HELP = (
     "The 'cutler' mask proposer needs detectron2, the CutLER code and its weights:\n"
     "  pip install 'git+https://github.com/facebookresearch/detectron2.git'\n"
@@ -207,8 +240,9 @@ _CUTLER_HELP = (
 
 def _load_cutler(
     cutler_root: str | None, weights: str | None, config: str | None, device: str
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """An ``image (3, H, W) [0, 1] -> instances (M, H, W) bool`` CutLER predictor."""
+) -> CutlerInstances:
+    """The CutLER model of the official ``utils/cutler.py`` (CutLER's own ``build_model``, whose
+    registries hold its cascade heads), wrapped as :class:`CutlerInstances`."""
     import importlib.util
     import sys
 
@@ -224,11 +258,11 @@ def _load_cutler(
         Path(root) / "model_zoo" / "configs" / "CutLER-ImageNet" / "cascade_mask_rcnn_R_50_FPN.yaml"
     )
     if root not in sys.path:
-        sys.path.insert(0, root)  # CutLER registers its custom ROI heads on import
-    import modeling  # noqa: F401
+        sys.path.insert(0, root)
     from config import add_cutler_config
+    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
-    from detectron2.engine import DefaultPredictor
+    from modeling import build_model
 
     cfg = get_cfg()
     add_cutler_config(cfg)
@@ -238,11 +272,7 @@ def _load_cutler(
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = CUTLER_SCORE_THRESHOLD
     # SyncBN needs a process group; single-process inference is identical with plain BN.
     cfg.MODEL.RESNETS.NORM = cfg.MODEL.FPN.NORM = "BN"
-    predictor = DefaultPredictor(cfg)
-
-    def predict(image: torch.Tensor) -> torch.Tensor:
-        rgb = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        bgr = np.ascontiguousarray(rgb[..., ::-1]) if cfg.INPUT.FORMAT == "BGR" else rgb
-        return predictor(bgr)["instances"].pred_masks.cpu().bool()
-
-    return predict
+    model = build_model(cfg)
+    model.eval()
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return CutlerInstances(model, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)

@@ -3,8 +3,10 @@
 For each side (FG, BG) of a class: the class mean over all pooled pixels, one mean per support
 image, and k-means centres (K = 32, sklearn's ``random_state=0`` -> ``kmeans_seed``), on raw,
 unnormalised features (``gen_proto_sd.py`` / ``gen_proto_vit.py``). Masks reach the feature grid
-by bilinear interpolation and ``.bool()`` (any overlap counts). Each prototype remembers the
-support image and grid region it stands for, so a prediction can be explained.
+by bilinear interpolation and ``.bool()``: a cell is set iff one of the 2×2 pixels around its
+block's centre is. A support image with no foreground cell is skipped for both sides. Each
+prototype remembers the support image and grid region it stands for, so a prediction can be
+explained.
 
 :class:`PrototypeCache` stores one file per (class, extractor, settings); :func:`build_prototypes`
 fills it, building each class that misses any extractor once.
@@ -38,7 +40,8 @@ CLASS_MEAN, IMAGE_MEAN, KMEANS_CENTRE = 0, 1, 2
 # points (benchmarks/bench_kmeans.py) ~13x faster than sklearn's KMeans (the exact mode: ~4x) at
 # inertia +0.4 % on average over 8 seeds (sklearn's own seeds spread over 0.9 %).
 KMEANS_SAMPLE = 0
-FORMAT = 1
+# 2: official CutLER ranking edge cases and no BG from images without FG on the grid.
+FORMAT = 2
 _MAGIC = b"SDZPROTO1\n"
 
 
@@ -104,7 +107,9 @@ def _check_kmeans_sample(kmeans_sample: int) -> None:
 
 
 def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``(N, H, W)`` bool -> ``(N, gh, gw)`` bool: bilinear interpolation, then any nonzero."""
+    """``(N, H, W)`` bool -> ``(N, gh, gw)`` bool: bilinear interpolation (half-pixel centres),
+    then any nonzero; for an integer factor a cell is set iff one of the 2×2 pixels around its
+    block's centre is (the official ``F.interpolate(...).bool()``)."""
     out = F.interpolate(masks[:, None].float(), size=grid, mode="bilinear", align_corners=False)
     return out[:, 0] != 0
 
@@ -178,8 +183,9 @@ def prototypes_from_features(
     Rows are ordered class mean, per-image means (image order), k-means centres. ``support``: one
     name (file path) per image, default ``"support #i"``. ``kmeans_sample``: k-means is seeded
     and first converged on that many pooled pixels, then refined on all (0: k-means++ on all
-    pixels, sklearn's procedure; see :func:`~sdzero.segmentation.kmeans.kmeans`). ``ValueError``
-    if no image has foreground on the grid; no background pixels give ``Q = 0``.
+    pixels, sklearn's procedure; see :func:`~sdzero.segmentation.kmeans.kmeans`). An image with
+    no foreground cell on the grid contributes to neither side. ``ValueError`` if no image has
+    foreground on the grid; no background cells give ``Q = 0``.
     """
     _check_kmeans_sample(kmeans_sample)
     if features.ndim != 4 or fg_masks.shape != bg_masks.shape or fg_masks.ndim != 3:
@@ -195,13 +201,16 @@ def prototypes_from_features(
     grid = tuple(features.shape[-2:])
     what = f"{class_name!r}/{extractor}"
     km = (kmeans_k, kmeans_seed, kmeans_sample)
-    fg = _side(features, masks_to_grid(fg_masks, grid), *km, f"{what} fg")
+    fg_grid = masks_to_grid(fg_masks, grid)
+    fg = _side(features, fg_grid, *km, f"{what} fg")
     if len(fg[0]) == 0:
         raise ValueError(
             f"class {what}: no support image has foreground pixels; check the support images and "
             "the mask proposer"
         )
-    bg = _side(features, masks_to_grid(bg_masks, grid), *km, f"{what} bg")
+    # Officially an image without a foreground cell is skipped before its background is read.
+    has_fg = fg_grid.flatten(1).any(1)[:, None, None]
+    bg = _side(features, masks_to_grid(bg_masks, grid) & has_fg, *km, f"{what} bg")
     sides = {
         f"{side}{suffix}": part[j]
         for side, part in (("fg", fg), ("bg", bg))
