@@ -330,12 +330,15 @@ class BenchmarkDataModule(pl.LightningDataModule):
 # ------------------------------------------------------------------ segmentation labels
 
 
-# OVDiff's renames of dataset labels into words a text encoder knows (its ``mmdata.py``).
+# OVDiff's renames of dataset labels into words a text encoder knows (its ``mmdata.py``): the VOC
+# renames, then its prompt overlay (on by default for support prompts, attribution tokens and the
+# CLIP filter), of which only "keyboard" occurs in these label spaces.
 PROMPT_RENAMES = {
     "aeroplane": "airplane",
     "diningtable": "table",
     "tvmonitor": "monitor",
     "pottedplant": "potted plant",
+    "keyboard": "computer keyboard",
 }
 # COCO-Stuff tags catch-all and disambiguated labels ("sky-other", "desk-stuff"); the tag means
 # nothing to a text encoder.

@@ -24,31 +24,29 @@ VOCdevkit/VOC2010/
     SegmentationClassContext/<id>.png        mmseg-converted labels: value = class 0..59, 0 = background
     ImageSets/SegmentationContext/val.txt    one <id> a line (5,105 ids)"""
 
-# Context classes treated as stuff. OVDiff hard-codes such a list (IS_STUFF); this one is written
-# from the class definitions, not copied: regions without a countable shape.
+# Context classes treated as stuff: those the official OVDiff code's hard-coded stuff table
+# (``mmdata.IS_STUFF``) marks as stuff among the Context-60 names. Building and tree are things
+# there; bedclothes and cloth are stuff.
 CONTEXT_STUFF = (
-    "building",
+    "bedclothes",
     "ceiling",
+    "cloth",
+    "curtain",
+    "fence",
     "floor",
     "grass",
     "ground",
     "mountain",
+    "platform",
     "road",
     "rock",
     "sidewalk",
     "sky",
     "snow",
-    "tree",
+    "track",
     "wall",
     "water",
-    # Doubtful (surfaces or materials more than objects; COCO-Stuff counts all five as stuff).
-    # Doubtful the other way, left out as things: cloth, bedclothes, door, window, light, food,
-    # flower, shelves, cabinet, sign.
-    "fence",
-    "platform",
-    "track",
     "wood",
-    "curtain",
 )
 
 

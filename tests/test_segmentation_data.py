@@ -156,14 +156,20 @@ def test_class_name_counts_renames_and_stuff() -> None:
 
     assert c60.class_names[0] == "background" and c60.class_names[-1] == "wood"
     assert c60.prompt_names[c60.class_names.index("pottedplant")] == "potted plant"
+    # The official IS_STUFF (sdov mmdata.py) on the Context-60 names, background included.
+    official = [0, 4, 16, 18, 22, 25, 26, 29, 30, 35, 39, 41, 42, 45, 47, 48, 51, 56, 57, 59]
+    assert sorted(c60.stuff) == official
     stuff60 = {c60.class_names[i] for i in c60.stuff}
-    assert {"background", "sky", "wall", "floor", "grass", "road", "water", "tree"} <= stuff60
-    assert not {"person", "cat", "car", "aeroplane", "bottle"} & stuff60
+    assert {"bedclothes", "cloth", "sky", "wall", "wood"} <= stuff60
+    assert not {"building", "tree", "person", "cat", "aeroplane"} & stuff60
     assert {c59.class_names[i] for i in c59.stuff} == stuff60 - {"background"}
     assert (c60.background_index, c59.background_index) == (0, None)
 
     assert obj.class_names[:3] == ["background", "person", "bicycle"]
     assert obj.class_names[80] == "toothbrush" and obj.stuff == {0}
+    # The official prompt overlay: keyboard -> "computer keyboard" (Context and COCO).
+    for dm in (c60, obj):
+        assert dm.prompt_names[dm.class_names.index("keyboard")] == "computer keyboard"
     assert stuff.class_names[79:81] == ["toothbrush", "banner"] and stuff.class_names[-1] == "wood"
     assert stuff.stuff == set(range(80, 171)) and stuff.background_index is None
     assert stuff.prompt_names[stuff.class_names.index("sky-other")] == "sky"
