@@ -321,6 +321,20 @@ def test_clip_image_at_input_size_uses_clip_statistics(classifier):
         torch.testing.assert_close(classifier.encode_image(torch.full((1, 3, 90, 60), 0.4)), grey)
 
 
+def test_clip_image_resize_is_bilinear_without_antialias(classifier):
+    # The official filter resizes the 512² image to 224² by torchvision 0.13's tensor Resize.
+    images = _images(1, 3, 64, 80)
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    small = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        expected = F.normalize(classifier.model.encode_image((small - mean) / std), dim=-1)
+        torch.testing.assert_close(classifier.encode_image(images), expected)
+        aa = F.interpolate(images, size=(32, 32), mode="bicubic", antialias=True).clamp(0, 1)
+        other = F.normalize(classifier.model.encode_image((aa - mean) / std), dim=-1)
+    assert (other - expected).abs().max() > 1e-3  # the check can tell the two modes apart
+
+
 def test_clip_classifier_bad_input(classifier):
     with pytest.raises(ValueError, match=r"non-empty list of prompt strings, got 'a cat'"):
         classifier.encode_text("a cat")

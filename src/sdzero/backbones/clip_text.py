@@ -17,8 +17,9 @@ class CLIPClassifier(nn.Module):
     """A frozen open_clip model giving L2-normalised embeddings in its joint space.
 
     ``encode_text(prompts)`` -> (P, D); ``encode_image(images)`` with (B, 3, H, W) float in [0, 1]
-    -> (B, D): stretched to the model's input size (224 px for ViT-B/16; bicubic, antialiased)
-    and normalised with CLIP's own mean/std. Text goes through ``tokenizer`` (open_clip's own: prompts -> (P, 77) token ids).
+    -> (B, D): stretched to the model's input size (224 px for ViT-B/16) by bilinear interpolation
+    without antialias (the official filter's torchvision-0.13 tensor ``Resize``) and normalised
+    with CLIP's own mean/std. Text goes through ``tokenizer`` (open_clip's own: prompts -> (P, 77) token ids).
     """
 
     def __init__(self, model: CLIP, tokenizer: Callable[[list[str]], Tensor]) -> None:
@@ -43,10 +44,9 @@ class CLIPClassifier(nn.Module):
         """(B, 3, H, W) in [0, 1] -> (B, D) unit-norm image embeddings."""
         check_images(images)
         if tuple(images.shape[-2:]) != self.image_size:
-            # Clamped like the 8-bit PIL image CLIP's own preprocessing would produce.
             images = F.interpolate(
-                images, size=self.image_size, mode="bicubic", align_corners=False, antialias=True
-            ).clamp(0, 1)
+                images, size=self.image_size, mode="bilinear", align_corners=False
+            )
         return self.model.encode_image((images - self.mean) / self.std, normalize=True)
 
 

@@ -4,7 +4,9 @@ Every extractor maps images ``(B, 3, H, W)`` in [0, 1] to features ``(B, D, gh, 
 with the grid cell ``(i, j)`` covering pixels ``[i*H/gh, (i+1)*H/gh) x [j*W/gw, (j+1)*W/gw)``.
 Support images (512², square) go straight in; test-time windows go through :meth:`prepare` first,
 which applies OVDiff's per-extractor input size ("Per-extractor input" in the reference notes).
-Resizes use antialiased bicubic interpolation (OVDiff resizes with PIL's LANCZOS).
+The SD (512²) and CLIP (448²) window resizes are the official torchvision-0.13 tensor resizes:
+bilinear without antialias. DINO and colour windows, which OVDiff does not resize below 800 px,
+are brought to a patch multiple with antialiased bicubic interpolation.
 
 Names accepted by :func:`build_extractor`:
 
@@ -38,10 +40,16 @@ DINO_MAX_SIDE = 800
 VIT_MODELS = {"dino": "dino_vitb8", "clip": "clip_vitb16"}
 
 
-def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(B, 3, H, W)`` -> ``(B, 3, *size)``, antialiased bicubic, clamped to [0, 1]."""
+def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """``(B, 3, H, W)`` in [0, 1] -> ``(B, 3, *size)``. ``mode``: ``bicubic`` (antialiased,
+    clamped to [0, 1]) or ``bilinear`` (no antialias: torchvision 0.13's tensor ``resize``, as the
+    official code resizes SD and CLIP windows)."""
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"resize mode must be 'bicubic' or 'bilinear', got {mode!r}")
     if tuple(images.shape[-2:]) == tuple(size):
         return images
+    if mode == "bilinear":
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
     out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
     return out.clamp_(0, 1)
 
@@ -85,7 +93,8 @@ class SDQueryExtractor(FeatureExtractor):
     CPU generator seeded ``seed``, one per image), and one UNet pass with the empty-prompt embedding
     runs up to the last read layer. Each layer's queries ``(B, h*w, C)`` are bilinearly upsampled
     to the largest grid (64² for 512² input) and concatenated in layer order, unnormalised:
-    ``(B, sum C, H/8, W/8)`` (7680-d for SD 1.5). Windows are resized to ``input_size``² first.
+    ``(B, sum C, H/8, W/8)`` (7680-d for SD 1.5). Windows are resized to ``input_size``² first
+    (bilinear, no antialias).
     """
 
     name = "sd"
@@ -122,7 +131,7 @@ class SDQueryExtractor(FeatureExtractor):
         }
 
     def prepare(self, window: torch.Tensor) -> torch.Tensor:
-        return resize(window, (self.input_size, self.input_size))
+        return resize(window, (self.input_size, self.input_size), "bilinear")
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, *, truncate: bool = True) -> torch.Tensor:
@@ -152,8 +161,8 @@ class ViTKeyExtractor(FeatureExtractor):
     """DINO/CLIP attention keys (``kind`` "dino" or "clip") of ``model`` (a ``VIT_MODELS`` name).
 
     ``(B, 3, H, W)`` -> ``(B, 768, H/p, W/p)`` for the ViT-B models. Test-time windows: CLIP
-    resizes to ``448²``; DINO keeps the window, scaled down to a long side of at most 800, each
-    side rounded down to a multiple of the patch.
+    resizes to ``448²`` (bilinear, no antialias); DINO keeps the window, scaled down to a long side
+    of at most 800, each side rounded down to a multiple of the patch.
     """
 
     def __init__(self, kind: str, model: str | None = None, weights: str = "pretrained") -> None:
@@ -185,7 +194,7 @@ class ViTKeyExtractor(FeatureExtractor):
 
     def prepare(self, window: torch.Tensor) -> torch.Tensor:
         if self.kind == "clip":
-            return resize(window, (CLIP_INPUT_SIZE, CLIP_INPUT_SIZE))
+            return resize(window, (CLIP_INPUT_SIZE, CLIP_INPUT_SIZE), "bilinear")
         return floor_to_multiple(window, self.patch_size, DINO_MAX_SIDE)
 
     @torch.no_grad()
