@@ -6,6 +6,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdzero.backbones.sd import load_stable_diffusion
+from sdzero.seeding import keyed_generator
 from sdzero.segmentation.features import ColourExtractor, SDQueryExtractor, build_extractor
 from sdzero.segmentation.inference import PrototypeBank, Segmenter, sliding_windows
 from sdzero.segmentation.module import OVDiffModule
@@ -106,6 +107,30 @@ def test_model_extractors_batched_equal_one_at_a_time(sd):
     assert diff <= 1e-5, diff
     assert torch.equal(batched.labels, single.labels)
     assert single.scores.abs().max() > 0.01  # the comparison is not between two empty canvases
+
+
+def test_sd_window_noise_is_fresh_per_window_and_image_and_reproducible(sd):
+    extractor = SDQueryExtractor(sd, input_size=64)
+    window = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    two = window.expand(2, -1, -1, -1)
+    feats = extractor.window_features(two, [(0, 0), (0, 1)])
+    # The same pixels in two windows get distinct VAE-sample and noise draws...
+    assert (feats[0] - feats[1]).abs().max() > 1e-2
+    # ...each the stream keyed (seed 43, image index, window index), whatever the batch.
+    keyed = extractor(window, generators=[keyed_generator(43, 0, 1)])
+    assert torch.allclose(feats[1:], keyed, atol=1e-5)
+    assert torch.allclose(extractor.window_features(window, [(0, 1)]), keyed, atol=1e-5)
+    assert (extractor.window_features(window, [(5, 1)]) - keyed).abs().max() > 1e-2
+    # Support images keep one generator seeded 43 each.
+    support = torch.Generator().manual_seed(43)
+    assert torch.equal(extractor(window), extractor(window, generators=[support]))
+    with pytest.raises(ValueError, match="1 generators for 2 images"):
+        extractor(two, generators=[support])
+    # In the segmenter the image index keys the draws: reruns agree, other indices differ.
+    segment = Segmenter([extractor], [bank(extractor)], 4, **WINDOWS)
+    first, again = segment(image(2), image_index=4), segment(image(2), image_index=4)
+    assert torch.equal(first.scores, again.scores)
+    assert (segment(image(2), image_index=5).scores - first.scores).abs().max() > 1e-3
 
 
 def test_window_batch_must_be_positive():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sdzero.segmentation.explain import explain_pixel, render_explanation, winner_at, winner_maps
+from sdzero.segmentation.features import FeatureExtractor
 from sdzero.segmentation.inference import (
     PrototypeBank,
     ScoreAccumulator,
@@ -38,7 +39,7 @@ def make_prototypes(name, fg, bg, extractor="colour", grid=(4, 4)):
     )
 
 
-class PixelColour:
+class PixelColour(FeatureExtractor):
     """A stand-in extractor: the mean RGB of 8x8 cells, centred (so grey is the zero vector)."""
 
     name = "colour"
@@ -46,7 +47,7 @@ class PixelColour:
     def prepare(self, windows):
         return windows
 
-    def __call__(self, images):
+    def forward(self, images):
         return F.avg_pool2d(images, 8) - 0.5
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from sdzero.backbones.attention import AttentionCapture, resolve_layers
 from sdzero.backbones.sd import StableDiffusion, validate_images
 from sdzero.backbones.vit import build_vit_extractor, check_images
+from sdzero.seeding import keyed_generator
 
 SD_LAYERS = (0, 6, 7, 8, 9, 10, 11, 12, 15)  # OVDiff's spec "0,6:13,15"
 SD_TIMESTEP = 200
@@ -85,13 +86,22 @@ class FeatureExtractor(nn.Module):
         """Test-time window ``(B, 3, h, w)`` in [0, 1] -> the input size this extractor uses."""
         raise NotImplementedError
 
+    def window_features(
+        self, windows: torch.Tensor, keys: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Features of prepared test-time windows ``(B, 3, h, w)``. ``keys[b]``, the ``(image
+        index, window index)`` of window ``b``, names its random stream; deterministic extractors
+        ignore it."""
+        return self(windows)
+
 
 class SDQueryExtractor(FeatureExtractor):
     """OVDiff's SD features: queries of cross-attention layers ``layers`` (indices among the 16).
 
-    The VAE latent is *sampled*, DDPM-noised to ``timestep`` with Gaussian noise (both drawn from a
-    CPU generator seeded ``seed``, one per image), and one UNet pass with the empty-prompt embedding
-    runs up to the last read layer. Each layer's queries ``(B, h*w, C)`` are bilinearly upsampled
+    The VAE latent is *sampled*, DDPM-noised to ``timestep`` with Gaussian noise (both drawn from
+    one CPU generator per image: seeded ``seed`` for support images, keyed by ``(seed, image index,
+    window index)`` for test-time windows, see :meth:`window_features`), and one UNet pass with the
+    empty-prompt embedding runs up to the last read layer. Each layer's queries ``(B, h*w, C)`` are bilinearly upsampled
     to the largest grid (64² for 512² input) and concatenated in layer order, unnormalised:
     ``(B, sum C, H/8, W/8)`` (7680-d for SD 1.5). Windows are resized to ``input_size``² first
     (bilinear, no antialias).
@@ -133,12 +143,34 @@ class SDQueryExtractor(FeatureExtractor):
     def prepare(self, window: torch.Tensor) -> torch.Tensor:
         return resize(window, (self.input_size, self.input_size), "bilinear")
 
+    def window_features(
+        self, windows: torch.Tensor, keys: Sequence[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Officially every window's pass draws a fresh VAE sample and noise from the global RNG;
+        here each window has its own stream keyed by ``(seed, *keys[b])``, so the draws are fresh
+        per window yet reproducible, resumable and independent of batching and sharding."""
+        return self(windows, generators=[keyed_generator(self.seed, *key) for key in keys])
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, *, truncate: bool = True) -> torch.Tensor:
-        """``(B, 3, H, W)`` [0, 1] -> ``(B, dim, H/8, W/8)`` float32 (``truncate=False``: tests)."""
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        truncate: bool = True,
+        generators: Sequence[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """``(B, 3, H, W)`` [0, 1] -> ``(B, dim, H/8, W/8)`` float32 (``truncate=False``: tests).
+
+        ``generators``: one per image, for its VAE sample and then its noise; default, a generator
+        seeded ``seed`` for every image (the official support-image features).
+        """
         validate_images(images)
         # One generator per image: an image's features do not depend on the rest of its batch.
-        generators = [torch.Generator().manual_seed(self.seed) for _ in range(images.shape[0])]
+        if generators is None:
+            generators = [torch.Generator().manual_seed(self.seed) for _ in range(len(images))]
+        generators = list(generators)
+        if len(generators) != len(images):
+            raise ValueError(f"{len(generators)} generators for {len(images)} images")
         latents = self.sd.encode_images(images, sample=True, generator=generators)
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
         noisy = self.sd.add_noise(latents, self.timestep, noise)

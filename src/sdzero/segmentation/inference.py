@@ -308,10 +308,15 @@ class Segmenter:
 
     @torch.no_grad()
     def __call__(
-        self, image: Tensor, out_size: tuple[int, int] | None = None, explain: bool = False
+        self,
+        image: Tensor,
+        out_size: tuple[int, int] | None = None,
+        explain: bool = False,
+        image_index: int = 0,
     ) -> Segmentation:
         """Segment ``image`` ``(3, H, W)`` uint8; labels at ``out_size`` ``(H, W)`` (default: the
-        image's); ``explain`` keeps each pair's maps (for :mod:`sdzero.segmentation.explain`)."""
+        image's); ``explain`` keeps each pair's maps (for :mod:`sdzero.segmentation.explain`).
+        ``image_index`` (the dataset index) keys the random draws of its windows (SD noise)."""
         work = resize_short_side(image, self.short_side)
         kept = sorted(self.class_filter(work)) if self.class_filter else list(self.banks[0].classes)
         height, width = work.shape[1:]
@@ -320,7 +325,7 @@ class Segmenter:
         acc = ScoreAccumulator(self.num_classes, height, width, self.device)
         pairs = []
         for index, (extractor, bank) in enumerate(zip(self.extractors, self.banks, strict=True)):
-            maps = self._window_maps(extractor, bank, pixels, windows, kept)
+            maps = self._window_maps(extractor, bank, pixels, windows, kept, image_index)
             for window, (values, owner, proto) in zip(windows, maps, strict=True):
                 acc.add(window, values)
                 if explain:
@@ -346,10 +351,12 @@ class Segmenter:
         pixels: Tensor,
         windows: Sequence[Window],
         kept: Sequence[int],
+        image_index: int,
     ) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per window of ``pixels`` ``(3, H, W)`` in [0, 1], in ``windows`` order: its
         :meth:`_channels` maps ``(K, gh, gw)``. Each window is prepared alone; those whose prepared
-        input has the same shape are stacked and run ``window_batch`` at a time."""
+        input has the same shape are stacked and run ``window_batch`` at a time, window ``i``
+        keyed ``(image_index, i)``."""
         groups: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
         for i, w in enumerate(windows):
             prepared = extractor.prepare(pixels[None, :, w.y1 : w.y2, w.x1 : w.x2])[0]
@@ -358,7 +365,9 @@ class Segmenter:
         for group in groups.values():
             for start in range(0, len(group), self.window_batch):
                 chunk = group[start : start + self.window_batch]
-                features = extractor(torch.stack([x for _, x in chunk])).float()
+                keys = [(image_index, i) for i, _ in chunk]
+                batch = torch.stack([x for _, x in chunk])
+                features = extractor.window_features(batch, keys).float()
                 features = F.normalize(features, dim=1, eps=1e-6)
                 values, owner, proto = self._channels(bank.score(features, kept), kept)
                 for b, (i, _) in enumerate(chunk):

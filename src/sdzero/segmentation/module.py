@@ -300,7 +300,9 @@ class OVDiffModule(EvaluationModule):
 
     def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
         label = batch["label"]
-        seg = self.segmenter(batch["image"], out_size=tuple(label.shape[-2:]))
+        seg = self.segmenter(
+            batch["image"], out_size=tuple(label.shape[-2:]), image_index=int(batch["index"])
+        )
         self._prediction, self._prediction_index = seg.labels, int(batch["index"])
         record = {
             "index": int(batch["index"]),
