@@ -25,7 +25,6 @@ noise as arguments so another implementation can be fed identical inputs and com
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from sdzero.correspondence.crops import (
     random_crop_around,
     to_crop_frame,
 )
+from sdzero.seeding import keyed_generator
 
 Box = tuple[int, int, int]
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,9 +129,7 @@ def gaussian_targets(
 
 def item_generator(seed: int, sample_index: int, point: int, embedding: int) -> torch.Generator:
     """The random stream of one (sample, query point, embedding) item, independent of batching."""
-    key = f"{seed}:{sample_index}:{point}:{embedding}".encode()
-    value = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
-    return torch.Generator().manual_seed(value)
+    return keyed_generator(int(seed), int(sample_index), int(point), int(embedding))
 
 
 class LatentCache:
