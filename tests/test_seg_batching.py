@@ -121,16 +121,35 @@ def test_sd_window_noise_is_fresh_per_window_and_image_and_reproducible(sd):
     assert torch.allclose(feats[1:], keyed, atol=1e-5)
     assert torch.allclose(extractor.window_features(window, [(0, 1)]), keyed, atol=1e-5)
     assert (extractor.window_features(window, [(5, 1)]) - keyed).abs().max() > 1e-2
-    # Support images keep one generator seeded 43 each.
-    support = torch.Generator().manual_seed(43)
-    assert torch.equal(extractor(window), extractor(window, generators=[support]))
     with pytest.raises(ValueError, match="1 generators for 2 images"):
-        extractor(two, generators=[support])
+        extractor(two, generators=[keyed_generator(43, 0, 0)])
     # In the segmenter the image index keys the draws: reruns agree, other indices differ.
     segment = Segmenter([extractor], [bank(extractor)], 4, **WINDOWS)
     first, again = segment(image(2), image_index=4), segment(image(2), image_index=4)
     assert torch.equal(first.scores, again.scores)
     assert (segment(image(2), image_index=5).scores - first.scores).abs().max() > 1e-3
+
+
+def test_support_noise_repeats_the_vae_epsilon_window_noise_does_not(sd, monkeypatch):
+    # Officially (gen_proto_sd.py) the noise generator is re-seeded 43 after the VAE sample, so
+    # x_t = sqrt(abar) z + sqrt(1 - abar) eps with z = scale * (mean + std * eps), the same eps.
+    extractor = SDQueryExtractor(sd, input_size=64)
+    captured = []
+    add_noise = sd.add_noise
+    monkeypatch.setattr(
+        sd, "add_noise", lambda z, t, n: captured.append((z, n)) or add_noise(z, t, n)
+    )
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    extractor(images)
+    extractor.window_features(images, [(0, 0), (0, 1)])
+    with torch.no_grad():
+        posterior = sd.vae.encode(images * 2 - 1).latent_dist
+    scale = sd.vae.config.scaling_factor
+    for (latents, noise), support in zip(captured, (True, False), strict=True):
+        eps = (latents / scale - posterior.mean) / posterior.std
+        assert torch.allclose(eps, noise, atol=1e-4) == support
+    want = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(43))
+    assert torch.equal(captured[0][1], torch.cat([want, want]))
 
 
 def test_window_batch_must_be_positive():

@@ -98,10 +98,11 @@ class FeatureExtractor(nn.Module):
 class SDQueryExtractor(FeatureExtractor):
     """OVDiff's SD features: queries of cross-attention layers ``layers`` (indices among the 16).
 
-    The VAE latent is *sampled*, DDPM-noised to ``timestep`` with Gaussian noise (both drawn from
-    one CPU generator per image: seeded ``seed`` for support images, keyed by ``(seed, image index,
-    window index)`` for test-time windows, see :meth:`window_features`), and one UNet pass with the
-    empty-prompt embedding runs up to the last read layer. Each layer's queries ``(B, h*w, C)`` are bilinearly upsampled
+    The VAE latent is *sampled* and DDPM-noised to ``timestep`` with Gaussian noise: for support
+    images both from CPU generators seeded ``seed``, re-seeded for the noise as officially (so the
+    noise equals the sample's epsilon); for test-time windows both from one stream per window,
+    keyed by ``(seed, image index, window index)`` (see :meth:`window_features`). One UNet pass
+    with the empty-prompt embedding runs up to the last read layer. Each layer's queries ``(B, h*w, C)`` are bilinearly upsampled
     to the largest grid (64² for 512² input) and concatenated in layer order, unnormalised:
     ``(B, sum C, H/8, W/8)`` (7680-d for SD 1.5). Windows are resized to ``input_size``² first
     (bilinear, no antialias).
@@ -138,10 +139,14 @@ class SDQueryExtractor(FeatureExtractor):
             "layers": self.layer_indices,
             "timestep": self.timestep,
             "seed": self.seed,
+            "noise": "vae_epsilon",  # support noise = the VAE sample's epsilon (official)
         }
 
     def prepare(self, window: torch.Tensor) -> torch.Tensor:
         return resize(window, (self.input_size, self.input_size), "bilinear")
+
+    def _seeded(self, count: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(self.seed) for _ in range(count)]
 
     def window_features(
         self, windows: torch.Tensor, keys: Sequence[tuple[int, int]]
@@ -161,18 +166,20 @@ class SDQueryExtractor(FeatureExtractor):
     ) -> torch.Tensor:
         """``(B, 3, H, W)`` [0, 1] -> ``(B, dim, H/8, W/8)`` float32 (``truncate=False``: tests).
 
-        ``generators``: one per image, for its VAE sample and then its noise; default, a generator
-        seeded ``seed`` for every image (the official support-image features).
+        ``generators``: one per image, for its VAE sample and then its noise. Default (the official
+        support-image features, ``gen_proto_sd.py``): the VAE sample and the noise each take a
+        generator freshly seeded ``seed``, so the noise repeats the posterior sample's epsilon.
         """
         validate_images(images)
         # One generator per image: an image's features do not depend on the rest of its batch.
-        if generators is None:
-            generators = [torch.Generator().manual_seed(self.seed) for _ in range(len(images))]
-        generators = list(generators)
-        if len(generators) != len(images):
-            raise ValueError(f"{len(generators)} generators for {len(images)} images")
-        latents = self.sd.encode_images(images, sample=True, generator=generators)
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+        vae_gens = self._seeded(len(images)) if generators is None else list(generators)
+        if len(vae_gens) != len(images):
+            raise ValueError(f"{len(vae_gens)} generators for {len(images)} images")
+        latents = self.sd.encode_images(images, sample=True, generator=vae_gens)
+        noise_gens = self._seeded(len(images)) if generators is None else vae_gens
+        # Drawn as diffusers draws the posterior sample: (1, C, h, w) per generator, VAE dtype.
+        shape, dtype = (1, *latents.shape[1:]), self.sd.vae.dtype
+        noise = torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in noise_gens])
         noisy = self.sd.add_noise(latents, self.timestep, noise)
         context = self.empty_prompt.to(noisy.dtype).expand(noisy.shape[0], -1, -1)
         unet = self.sd.unet
