@@ -278,6 +278,8 @@ def test_kmeans_sample_keys_the_prototype_cache(tmp_path):
 
 def test_ovdiff_module_validates_kmeans_sample():
     module = OVDiffModule(backbone={}, mask_proposer="attention", kmeans_sample=0)
-    assert module.kmeans_sample == 0
-    with pytest.raises(ValueError, match="method.kmeans_sample must be an int >= 0"):
+    assert module.settings.kmeans_sample == 0
+    with pytest.raises(ValueError, match="method.kmeans_sample must be >= 0"):
         OVDiffModule(backbone={}, mask_proposer="attention", kmeans_sample=-1)
+    with pytest.raises(ValueError, match="method.kmeans_sample must be an integer, got 2.5"):
+        OVDiffModule(backbone={}, mask_proposer="attention", kmeans_sample=2.5)

@@ -31,9 +31,10 @@ from sdzero.backbones.attention import AttentionCapture, resolve_layers
 from sdzero.backbones.sd import StableDiffusion, validate_images
 from sdzero.backbones.vit import build_vit_extractor, check_images
 from sdzero.seeding import keyed_generator
+from sdzero.segmentation.settings import OVDIFF
 
 SD_LAYERS = (0, 6, 7, 8, 9, 10, 11, 12, 15)  # OVDiff's spec "0,6:13,15"
-SD_TIMESTEP = 200
+SD_TIMESTEP = OVDIFF.sd_timestep
 SD_SEED = 43
 SD_INPUT_SIZE = 512
 CLIP_INPUT_SIZE = 448
@@ -204,7 +205,9 @@ class ViTKeyExtractor(FeatureExtractor):
     of at most 800, each side rounded down to a multiple of the patch.
     """
 
-    def __init__(self, kind: str, model: str | None = None, weights: str = "pretrained") -> None:
+    def __init__(
+        self, kind: str, model: str | None = None, weights: str = OVDIFF.vit_weights
+    ) -> None:
         super().__init__()
         if kind not in VIT_MODELS:
             raise ValueError(
@@ -278,7 +281,7 @@ def build_extractor(
     name: str,
     *,
     sd: StableDiffusion | None = None,
-    vit_weights: str = "pretrained",
+    vit_weights: str = OVDIFF.vit_weights,
     device: str | torch.device = "cpu",
 ) -> FeatureExtractor:
     """The extractor called ``name`` (see the module docstring), on ``device``.

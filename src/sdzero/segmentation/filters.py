@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from sdzero.segmentation.settings import OVDIFF
+
 
 class ClipClassifier(Protocol):
     """What the filter needs of CLIP: L2-normalised embeddings."""
@@ -132,7 +134,9 @@ class ClipFilter:
         return sorted({self.labels[i] for i in chosen} | set(self.always))
 
 
-def keep_background(bg: Tensor, stuff_fg: Tensor, threshold: float = 0.85) -> Tensor:
+def keep_background(
+    bg: Tensor, stuff_fg: Tensor, threshold: float = OVDIFF.stuff_threshold
+) -> Tensor:
     """Which background prototypes ``(Q, D)`` survive the stuff filter: ``(Q,)`` bool.
 
     A prototype is dropped when its cosine similarity to any stuff-class foreground prototype

@@ -23,6 +23,7 @@ from torch import Tensor
 from sdzero.segmentation.features import FeatureExtractor
 from sdzero.segmentation.filters import keep_background
 from sdzero.segmentation.pamr import pamr
+from sdzero.segmentation.settings import OVDIFF
 
 
 def resize_short_side(image: Tensor, short_side: int) -> Tensor:
@@ -115,7 +116,7 @@ class PrototypeBank:
         cls,
         prototypes: Mapping[int, Any],
         stuff: Collection[int] = (),
-        stuff_threshold: float = 0.85,
+        stuff_threshold: float = OVDIFF.stuff_threshold,
     ) -> PrototypeBank:
         """From ``{label index: Prototypes}`` of one extractor. Stuff classes' own background
         prototypes are dropped; the others' go through :func:`keep_background` (``threshold <= 0``
@@ -269,12 +270,12 @@ class Segmenter:
         num_classes: int,
         background_index: int | None = 0,
         *,
-        window_sizes: Sequence[int] = (448, 336),
-        stride: int = 224,
-        short_side: int = 448,
+        window_sizes: Sequence[int] = OVDIFF.window_sizes,
+        stride: int = OVDIFF.stride,
+        short_side: int = OVDIFF.short_side,
         use_pamr: bool = False,
         class_filter: Callable[[Tensor], Collection[int]] | None = None,
-        window_batch: int = 8,
+        window_batch: int = OVDIFF.window_batch,
         device: Any = "cpu",
     ) -> None:
         if not extractors or len(extractors) != len(banks):

@@ -27,18 +27,12 @@ from sdzero.records import write_bytes_atomic
 from sdzero.segmentation.features import SDQueryExtractor, build_extractor
 from sdzero.segmentation.filters import ClipFilter
 from sdzero.segmentation.inference import PrototypeBank, Segmenter
-from sdzero.segmentation.masks import available_mask_proposers
-from sdzero.segmentation.prototypes import (
-    KMEANS_SAMPLE,
-    PrototypeCache,
-    Prototypes,
-    build_prototypes,
-)
+from sdzero.segmentation.prototypes import PrototypeCache, Prototypes, build_prototypes
+from sdzero.segmentation.settings import OVDiffSettings
 from sdzero.segmentation.support import FolderSupport, GeneratedSupport
+from sdzero.settings import build_settings
 
 log = logging.getLogger(__name__)
-
-EXTRACTOR_KINDS = ("sd", "dino", "clip", "colour")
 
 
 def default_cache_root() -> Path:
@@ -50,89 +44,25 @@ def default_cache_root() -> Path:
 
 
 class OVDiffModule(EvaluationModule):
-    """OVDiff (Karazija et al.) with the official code's defaults; see ``configs/method/ovdiff.yaml``
-    for every key. ``backbone``: the ``backbone`` config group (``arch``, ``weights``, ``dtype``)."""
+    """OVDiff (Karazija et al.) with the official code's defaults; ``settings`` are the
+    ``method.*`` keys of :class:`~sdzero.segmentation.settings.OVDiffSettings` (the single source
+    of their defaults). ``backbone``: the ``backbone`` config group (``arch``, ``weights``,
+    ``dtype``); ``seed``: the run's top-level seed (the official draws use fixed seeds)."""
+
+    settings_class = OVDiffSettings
 
     def __init__(
         self,
         backbone: Mapping[str, Any],
         run_dir: str | None = None,
         visuals: int = 0,
-        num_support: int = 32,
-        guidance_scale: float = 8.0,
-        sampling_steps: int = 30,
-        sample_batch: int = 8,
-        extractors: Sequence[str] = ("sd", "dino", "clip"),
-        kmeans_k: int = 32,
-        kmeans_sample: int = KMEANS_SAMPLE,
-        mask_proposer: str = "cutler",
-        prototype_cache: str | None = None,
-        clip_filter: bool = True,
-        clip_model: str = "clip_vitb16",
-        pamr: bool = False,
-        support_folder: str | None = None,
-        stuff_threshold: float = 0.85,
-        window_sizes: Sequence[int] = (448, 336),
-        stride: int = 224,
-        short_side: int = 448,
-        window_batch: int = 8,
-        sd_timestep: int = 200,
-        vit_weights: str = "pretrained",
-        support_seed: int = 42,
         seed: int = 0,
+        **settings: Any,
     ) -> None:
         super().__init__(run_dir, visuals)
-        extractors = [str(e) for e in extractors]
-        bad = [e for e in extractors if e.partition(":")[0] not in EXTRACTOR_KINDS]
-        if not extractors or bad or len(set(extractors)) != len(extractors):
-            raise ValueError(
-                f"method.extractors must be distinct names among {list(EXTRACTOR_KINDS)} (dino/clip "
-                f"may name a ViT as dino:<vit>), got {extractors}"
-            )
-        if mask_proposer not in available_mask_proposers():
-            raise ValueError(
-                f"method.mask_proposer must be one of {available_mask_proposers()}, got "
-                f"{mask_proposer!r}"
-            )
-        positive = {"num_support": num_support, "sampling_steps": sampling_steps}
-        positive |= {"kmeans_k": kmeans_k, "stride": stride, "short_side": short_side}
-        if type(kmeans_sample) is not int or kmeans_sample < 0:
-            raise ValueError(
-                f"method.kmeans_sample must be an int >= 0 (0: k-means++ on all pixels), got "
-                f"{kmeans_sample!r}"
-            )
-        if min(positive.values()) < 1 or min(window_sizes, default=1) < 1:
-            raise ValueError(
-                f"method: {positive} and window_sizes {list(window_sizes)} must be >= 1"
-            )
-        for key, value in {"sample_batch": sample_batch, "window_batch": window_batch}.items():
-            if value < 1:
-                raise ValueError(f"method.{key} must be >= 1, got {value}")
-        if not 0 <= stuff_threshold <= 1:
-            raise ValueError(f"method.stuff_threshold must lie in [0, 1], got {stuff_threshold}")
+        self.settings = build_settings(OVDiffSettings, settings)
         self.backbone = dict(backbone)
-        self.num_support = num_support
-        self.guidance_scale = guidance_scale
-        self.sampling_steps = sampling_steps
-        self.sample_batch = sample_batch
-        self.extractor_names = extractors
-        self.kmeans_k = kmeans_k
-        self.kmeans_sample = kmeans_sample
-        self.mask_proposer = mask_proposer
-        self.prototype_cache = prototype_cache
-        self.clip_filter = clip_filter
-        self.clip_model = clip_model
-        self.pamr = pamr
-        self.support_folder = support_folder
-        self.stuff_threshold = stuff_threshold
-        self.window_sizes = [int(s) for s in window_sizes]
-        self.stride = stride
-        self.short_side = short_side
-        self.window_batch = window_batch
-        self.sd_timestep = sd_timestep
-        self.vit_weights = vit_weights
-        self.support_seed = support_seed
-        self.seed = seed  # the run's top-level seed; the official draws use fixed seeds
+        self.seed = seed
         self.segmenter: Segmenter | None = None
         self.prototypes: dict[int, dict[str, Prototypes]] = {}
         self._prediction: torch.Tensor | None = None
@@ -143,16 +73,16 @@ class OVDiffModule(EvaluationModule):
     # ------------------------------------------------------------------------ preparation
     def cache_root(self) -> Path:
         """Where prototypes (and generated support sets) are cached."""
-        if self.prototype_cache == "run":
+        if self.settings.prototype_cache == "run":
             if self.run_dir is None:
                 raise ValueError("method.prototype_cache=run needs a run folder; give a path")
             return self.run_dir / "prototypes"
-        if self.prototype_cache:
-            return Path(self.prototype_cache).expanduser()
+        if self.settings.prototype_cache:
+            return Path(self.settings.prototype_cache).expanduser()
         return default_cache_root()
 
     def _support_source(self, sd: Any, support_root: str | Path | None) -> Any:
-        folder = self.support_folder
+        folder = self.settings.support_folder
         if folder == "auto":
             if support_root is None:
                 raise ValueError(
@@ -167,11 +97,11 @@ class OVDiffModule(EvaluationModule):
         return GeneratedSupport(
             sd,
             self.cache_root() / "support",
-            num_support=self.num_support,
-            guidance_scale=self.guidance_scale,
-            steps=self.sampling_steps,
-            seed=self.support_seed,
-            batch_size=self.sample_batch,
+            num_support=self.settings.num_support,
+            guidance_scale=self.settings.guidance_scale,
+            steps=self.settings.sampling_steps,
+            seed=self.settings.support_seed,
+            batch_size=self.settings.sample_batch,
         )
 
     def _load_sd(self) -> Any:
@@ -191,16 +121,18 @@ class OVDiffModule(EvaluationModule):
         """Stable Diffusion (None if neither an extractor nor support sampling needs it) and the
         feature extractors, loaded once."""
         if self._extractors is None:
-            uses_sd = "sd" in self.extractor_names or self.support_folder is None
+            uses_sd = "sd" in self.settings.extractors or self.settings.support_folder is None
             self._sd = self._load_sd() if uses_sd else None
-            self._extractors = [self._extractor(name) for name in self.extractor_names]
+            self._extractors = [self._extractor(name) for name in self.settings.extractors]
         return self._sd, self._extractors
 
     def _extractor(self, name: str) -> Any:
         if name == "sd":
-            return SDQueryExtractor(self._sd, timestep=self.sd_timestep).to(self.device)
-        self.random_weights |= name.partition(":")[0] != "colour" and self.vit_weights == "random"
-        return build_extractor(name, vit_weights=self.vit_weights, device=self.device)
+            return SDQueryExtractor(self._sd, timestep=self.settings.sd_timestep).to(self.device)
+        self.random_weights |= (
+            name.partition(":")[0] != "colour" and self.settings.vit_weights == "random"
+        )
+        return build_extractor(name, vit_weights=self.settings.vit_weights, device=self.device)
 
     def build_prototypes(
         self, names: Sequence[str], support_root: str | Path | None = None
@@ -211,9 +143,9 @@ class OVDiffModule(EvaluationModule):
         if not names:
             raise ValueError("no class names to build prototypes for")
         sd, extractors = self._components()
-        args = (extractors, self._support_source(sd, support_root), self.mask_proposer)
-        kwargs = {"cache": PrototypeCache(self.cache_root()), "kmeans_k": self.kmeans_k}
-        kwargs["kmeans_sample"] = self.kmeans_sample
+        args = (extractors, self._support_source(sd, support_root), self.settings.mask_proposer)
+        kwargs = {"cache": PrototypeCache(self.cache_root()), "kmeans_k": self.settings.kmeans_k}
+        kwargs["kmeans_sample"] = self.settings.kmeans_sample
         world, rank = self._world()
         if world > 1:
             if names[rank::world]:
@@ -241,33 +173,37 @@ class OVDiffModule(EvaluationModule):
         stuff = set(stuff) - {background_index}
         filterable = {i: prompt_names[i] for i in classes if i not in stuff}
         class_filter = None
-        if self.clip_filter and filterable:  # loaded first: a missing model fails before any build
+        if (
+            self.settings.clip_filter and filterable
+        ):  # loaded first: a missing model fails before any build
             from sdzero.backbones.clip_text import build_clip_classifier
 
-            classifier = build_clip_classifier(self.clip_model, self.vit_weights).to(self.device)
-            self.random_weights |= self.vit_weights == "random"
+            classifier = build_clip_classifier(
+                self.settings.clip_model, self.settings.vit_weights
+            ).to(self.device)
+            self.random_weights |= self.settings.vit_weights == "random"
             class_filter = ClipFilter(classifier, filterable, sorted(stuff), device=self.device)
         built = self.build_prototypes([prompt_names[i] for i in classes], support_root)
         self.prototypes = {i: built[prompt_names[i]] for i in classes}
         banks = [
             PrototypeBank.build(
-                {i: p[e] for i, p in self.prototypes.items()}, stuff, self.stuff_threshold
+                {i: p[e] for i, p in self.prototypes.items()}, stuff, self.settings.stuff_threshold
             )
-            for e in self.extractor_names
+            for e in self.settings.extractors
         ]
         _, extractors = self._components()
-        if "sd" not in self.extractor_names:
+        if "sd" not in self.settings.extractors:
             self._sd = None  # only support sampling needed it
         self.segmenter = Segmenter(
             extractors,
             banks,
             len(prompt_names),
             background_index,
-            window_sizes=self.window_sizes,
-            stride=self.stride,
-            short_side=self.short_side,
-            window_batch=self.window_batch,
-            use_pamr=self.pamr,
+            window_sizes=self.settings.window_sizes,
+            stride=self.settings.stride,
+            short_side=self.settings.short_side,
+            window_batch=self.settings.window_batch,
+            use_pamr=self.settings.pamr,
             class_filter=class_filter,
             device=self.device,
         )

@@ -29,6 +29,7 @@ from sdzero.records import write_bytes_atomic
 from sdzero.segmentation.features import FeatureExtractor
 from sdzero.segmentation.kmeans import kmeans
 from sdzero.segmentation.masks import build_mask_proposer
+from sdzero.segmentation.settings import OVDIFF
 from sdzero.segmentation.support import SupportSet, settings_hash, slug
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ CLASS_MEAN, IMAGE_MEAN, KMEANS_CENTRE = 0, 1, 2
 # that size (768 per centre at K = 32), then refines on all: on 100k x 7680 pooled-feature-like
 # points (benchmarks/bench_kmeans.py) ~13x faster than sklearn's KMeans (the exact mode: ~4x) at
 # inertia +0.4 % on average over 8 seeds (sklearn's own seeds spread over 0.9 %).
-KMEANS_SAMPLE = 0
+KMEANS_SAMPLE = OVDIFF.kmeans_sample
 # 2: official CutLER ranking edge cases and no BG from images without FG on the grid.
 FORMAT = 2
 _MAGIC = b"SDZPROTO1\n"
@@ -174,7 +175,7 @@ def prototypes_from_features(
     class_name: str,
     extractor: str,
     support: Sequence[str] | None = None,
-    kmeans_k: int = 32,
+    kmeans_k: int = OVDIFF.kmeans_k,
     kmeans_seed: int = 0,
     kmeans_sample: int = KMEANS_SAMPLE,
 ) -> Prototypes:
@@ -302,7 +303,7 @@ def build_prototypes(
     cache: PrototypeCache | None = None,
     *,
     mask_options: Mapping[str, Any] | None = None,
-    kmeans_k: int = 32,
+    kmeans_k: int = OVDIFF.kmeans_k,
     kmeans_seed: int = 0,
     kmeans_sample: int = KMEANS_SAMPLE,
     batch_size: int = 8,

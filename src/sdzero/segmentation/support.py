@@ -31,6 +31,7 @@ from PIL import Image
 from sdzero.backbones.attention import AttentionCapture, cross_attention_layers
 from sdzero.backbones.sd import StableDiffusion
 from sdzero.records import write_bytes_atomic, write_json_atomic
+from sdzero.segmentation.settings import OVDIFF
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +127,14 @@ class AttributionAccumulator:
 def sample_support_set(
     sd: StableDiffusion,
     name: str,
-    num_support: int = 32,
-    guidance_scale: float = 8.0,
-    steps: int = 30,
+    num_support: int = OVDIFF.num_support,
+    guidance_scale: float = OVDIFF.guidance_scale,
+    steps: int = OVDIFF.sampling_steps,
     size: int = 512,
     prompt_template: str = PROMPT_TEMPLATE,
     negative_prompt: str = NEGATIVE_PROMPT,
-    seed: int = 42,
-    batch_size: int = 8,
+    seed: int = OVDIFF.support_seed,
+    batch_size: int = OVDIFF.sample_batch,
 ) -> SupportSet:
     """Sample ``num_support`` images of ``name`` with their attribution maps (``paths`` empty).
 
