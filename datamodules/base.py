@@ -26,12 +26,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sdzero.errors import UserError
 
-class DatasetFormatError(ValueError):
+
+class DatasetFormatError(UserError, ValueError):
     """A dataset file is missing or malformed; the message names the file and what was expected."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset's top folder could not be found under ``data.root``."""
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sdzero.config import ConfigError, available, compose, config_dir
+from sdzero.config import available, compose, config_dir
+from sdzero.errors import UserError
 
 DEMO_EXPERIMENTS = ("demo_correspondence", "demo_segmentation")
 METHOD_CLIS = ("sdzero.correspondence.cli", "sdzero.segmentation.cli")
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``sdzero`` command; a :class:`UserError` prints ``sdzero: error: <message>`` on
+    stderr and returns 2 (``-v`` logs its traceback too), any other exception propagates."""
     parser = build_parser()
     # key=value overrides may follow options (`--viz out.png backbone=tiny`): argparse leaves
     # those unparsed once the positional `overrides` has been filled, so collect them here
@@ -145,19 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from datamodules.base import DatasetFormatError, DatasetNotFoundError
-    from sdzero.backbones.sd import WeightsNotFoundError
-
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"sdzero: config error: {err}", file=sys.stderr)
-        return 2
-    except (
-        DatasetFormatError,
-        DatasetNotFoundError,
-        WeightsNotFoundError,
-    ) as err:
+    except UserError as err:  # anything else is a bug: its traceback stays
+        logging.getLogger("sdzero").debug("user error", exc_info=True)
         print(f"sdzero: error: {err}", file=sys.stderr)
         return 2
 

@@ -21,11 +21,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sdzero.errors import ConfigError  # defined there so that every layer can raise it
+
 GROUPS = ("backbone", "method", "data", "trainer", "logger")
-
-
-class ConfigError(ValueError):
-    """A config problem the user can fix; the message names the key or file."""
 
 
 def config_dir() -> Path:
