@@ -65,16 +65,31 @@ def find_dataset_root(root: str | Path, markers: Sequence[str], layout: str, nam
     )
 
 
+def _open_image(path: Path, what: str) -> Image.Image:
+    """The decoded image file; :class:`DatasetFormatError` naming it if it is missing, not an
+    image, or truncated. ``what`` names the file's role in the message (``image``, ``label``)."""
+    if not path.is_file():
+        raise DatasetFormatError(f"{what} file {str(path)!r} does not exist")
+    img = None
+    try:
+        img = Image.open(path)
+        img.load()
+    except OSError as err:  # PIL's UnidentifiedImageError and truncated data are OSErrors
+        if img is not None:
+            img.close()
+        raise DatasetFormatError(
+            f"{what} file {str(path)!r} cannot be read as an image ({err}); expected a PNG or JPEG"
+        ) from err
+    return img
+
+
 def load_rgb(path: str | Path) -> torch.Tensor:
     """Read an image file as ``(3, H, W)`` uint8 RGB in the original pixel grid.
 
     Grey, palette, CMYK and RGBA files are converted to RGB (several benchmarks contain a few);
     modes that hold no displayable colour (16-bit, float) raise :class:`DatasetFormatError`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetFormatError(f"image file {str(path)!r} does not exist")
-    with Image.open(path) as img:
+    with _open_image(Path(path), "image") as img:
         if img.mode not in {"RGB", "L", "P", "CMYK", "RGBA", "LA", "YCbCr"}:
             raise DatasetFormatError(
                 f"image {str(path)!r} has mode {img.mode!r}; expected an 8-bit colour or grey image"
@@ -90,9 +105,7 @@ def load_label(path: str | Path, size: tuple[int, int] | None = None) -> torch.T
     is the expected ``(w, h)``: the image's size, so a label of another size is an error.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetFormatError(f"label file {str(path)!r} does not exist")
-    with Image.open(path) as img:
+    with _open_image(path, "label") as img:
         if img.mode not in {"L", "P"}:
             raise DatasetFormatError(
                 f"label {str(path)!r} has mode {img.mode!r}; expected a single-channel PNG of class "

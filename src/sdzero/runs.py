@@ -55,7 +55,13 @@ def make_run_dir(cfg: DictConfig) -> Path:
             f"output_dir={str(run_dir)!r} already holds prediction records; continue that run with "
             f"resume={run_dir} or choose another output_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file of that name, no permission, read-only disk
+        raise ConfigError(
+            f"output_dir={str(run_dir)!r}: cannot create the run folder ({err}); expected a "
+            "writable folder path"
+        ) from err
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
@@ -148,16 +154,22 @@ def build_method(cfg: DictConfig, **extra: Any) -> pl.LightningModule:
 
 def build_trainer(cfg: DictConfig, logger: Any) -> pl.Trainer:
     """A Trainer for evaluation: ``inference_mode=False`` so methods may optimise in ``test_step``."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
     kwargs = _plain(cfg.trainer)
-    return pl.Trainer(
-        **kwargs,
-        logger=logger,
-        inference_mode=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,  # the datamodules shard without repeating samples
-        default_root_dir=os.environ[RUN_DIR_ENV],
-    )
+    try:
+        return pl.Trainer(
+            **kwargs,
+            logger=logger,
+            inference_mode=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,  # the datamodules shard without repeating samples
+            default_root_dir=os.environ[RUN_DIR_ENV],
+        )
+    except (MisconfigurationException, TypeError, ValueError) as err:
+        # the constructor only checks its arguments, and all but the fixed ones are trainer.* keys
+        raise ConfigError(f"trainer: {err}") from err
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
