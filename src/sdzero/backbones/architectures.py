@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sdzero.errors import ConfigError
+
 ARCHITECTURES: tuple[str, ...] = ("sd14", "sd15", "sd21-base", "tiny")
 
 # DDPM training schedule shared by every SD 1.x/2.x model (1000 steps, "scaled_linear" betas).
@@ -174,10 +176,11 @@ _TOPOLOGY_KEYS = (
 
 
 def get_architecture(name: str) -> Architecture:
-    """The named architecture; ``ValueError`` listing the names for an unknown one."""
+    """The named architecture; :class:`ConfigError` listing the names for an unknown one."""
     if name not in _ARCHS:
-        raise ValueError(
-            f"unknown Stable Diffusion architecture {name!r}; expected one of {list(ARCHITECTURES)}"
+        raise ConfigError(
+            f"backbone.arch={name!r} is not a Stable Diffusion architecture; expected one of "
+            f"{list(ARCHITECTURES)}"
         )
     return _ARCHS[name]
 

@@ -36,7 +36,8 @@ from sdzero.backbones.architectures import (
     matching_architectures,
     unet_topology,
 )
-from sdzero.backbones.errors import WeightsNotFoundError
+from sdzero.backbones.errors import WeightsFormatError, WeightsNotFoundError
+from sdzero.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def load_stable_diffusion(
         )
     if kind in ("random", "file") and spec is None:
         what = "random weights (weights=None)" if kind == "random" else f"single file {location}"
-        raise ValueError(
+        raise ConfigError(
             f"{what} need an architecture to build the models; pass arch=one of {list(ARCHITECTURES)}"
         )
     if kind == "random":
@@ -286,7 +287,7 @@ def _classify(weights: str | None) -> tuple[str, str]:
     if weights is None:
         return "random", ""
     if not isinstance(weights, str | os.PathLike) or not str(weights).strip():
-        raise ValueError(
+        raise ConfigError(
             f"backbone weights must be a hub id, a folder, a checkpoint file or None; got {weights!r}"
         )
     path = Path(weights).expanduser()
@@ -307,7 +308,7 @@ def as_dtype(dtype: torch.dtype | str, key: str = "dtype") -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
-    raise ValueError(
+    raise ConfigError(
         f"{key} must be one of {list(_DTYPES)} (or a torch float dtype); got {dtype!r}"
     )
 
@@ -398,7 +399,9 @@ def _pretrained_parts(source: str, text_encoder: bool, *, hub: bool) -> dict[str
             parts["tokenizer"] = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
     except OSError as err:
         if not hub:
-            raise
+            raise WeightsFormatError(
+                f"diffusers folder {source} could not be loaded: {type(err).__name__}: {err}"
+            ) from err
         raise WeightsNotFoundError(_not_found_message(source, offline, err)) from err
     return parts
 
@@ -434,7 +437,7 @@ def _resolve_arch(unet_config: Mapping[str, Any], arch: str | None, weights: str
     matches = matching_architectures(unet_config)
     if arch is not None:
         if arch not in matches:
-            raise ValueError(
+            raise WeightsFormatError(
                 f"weights {weights!r} have a UNet with {unet_topology(unet_config)}, which is not "
                 f"architecture {arch!r} ({unet_topology(get_architecture(arch).unet)}); "
                 "fix backbone.arch or backbone.weights"
@@ -469,27 +472,27 @@ def _single_file_parts(path: Path, spec: Architecture, text_encoder: bool) -> di
     )
 
     if path.suffix not in SINGLE_FILE_SUFFIXES:
-        raise ValueError(
+        raise WeightsFormatError(
             f"single-file checkpoint {path} has suffix {path.suffix!r}; expected one of "
             f"{list(SINGLE_FILE_SUFFIXES)}"
         )
     try:
         checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
     except OSError as err:
-        raise ValueError(
+        raise WeightsFormatError(
             f"could not read the single-file checkpoint {path}: {err} (.ckpt files are read with "
             "torch.load(weights_only=True), which refuses pickled training objects; a .safetensors "
             "file, a diffusers folder or a hub id avoids that)"
         ) from err
     to_k = checkpoint.get(_LDM_CROSS_ATTN_KEY)
     if to_k is None or not any(k.startswith(_LDM_VAE_PREFIXES) for k in checkpoint):
-        raise ValueError(
+        raise WeightsFormatError(
             f"{path} is not an original-format Stable Diffusion checkpoint: expected UNet keys "
             f"'model.diffusion_model.*' (e.g. {_LDM_CROSS_ATTN_KEY}) and VAE keys "
             f"'first_stage_model.*'"
         )
     if to_k.shape[-1] != spec.unet["cross_attention_dim"]:
-        raise ValueError(
+        raise WeightsFormatError(
             f"{path} has {to_k.shape[-1]}-d text conditioning but architecture {spec.name!r} "
             f"expects {spec.unet['cross_attention_dim']}; pass the matching arch"
         )
@@ -524,9 +527,9 @@ def _load_converted(model: nn.Module, state: Mapping[str, Any], what: str) -> nn
     try:
         missing, _ = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        raise ValueError(f"{what}: weights do not fit the architecture: {err}") from err
+        raise WeightsFormatError(f"{what}: weights do not fit the architecture: {err}") from err
     if missing:
-        raise ValueError(
+        raise WeightsFormatError(
             f"{what}: the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}; "
             "is it a checkpoint of this architecture?"
         )
