@@ -1,4 +1,4 @@
-"""The `sdzero` command: info, match, eval errors, demo."""
+"""The `sdzero` command: info, match, and its one error path (user errors: one line, exit 2)."""
 
 import json
 
@@ -51,22 +51,152 @@ def test_match_prints_points_and_draws_lines(tmp_path, capsys):
         assert img.size == (128 + 80, 96)
 
 
-def test_match_rejects_a_point_outside_the_source(tmp_path):
-    src = tmp_path / "a.png"
-    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(src)
-    with pytest.raises(ValueError, match="outside the 32x32 source image"):
-        main(
-            [
-                "match",
-                str(src),
-                str(src),
-                "--points",
-                "40,5",
-                "backbone=tiny",
-                "method.image_size=64",
-                "method.steps=1",
-            ]
-        )
+def user_error(capsys, argv: list[str]) -> str:
+    """Run ``sdzero ARGV``, assert it fails as a user error (exit 2, nothing on stdout, one
+    ``sdzero: error:`` line on stderr, no traceback) and return that line."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdzero: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A 32x32 (w x h) RGB PNG."""
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails loudly: a user error must be reported before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    from sdzero.correspondence.module import PromptCorrespondenceModule
+    from sdzero.segmentation import api
+
+    monkeypatch.setattr(PromptCorrespondenceModule, "setup", refuse)
+    monkeypatch.setattr(api, "load_method", refuse)
+
+
+MATCH = ["backbone=tiny", "method.image_size=64", "method.steps=1"]
+
+
+def test_match_rejects_a_point_outside_the_source(image, capsys, no_model):
+    line = user_error(capsys, ["match", str(image), str(image), "--points", "40,5", *MATCH])
+    assert "query point [40.0, 5.0] lies outside the 32x32 (w x h) source image" in line
+    assert str(image) in line
+
+
+@pytest.mark.parametrize(
+    ("points", "expected"),
+    [(["4,5", "x,y"], "--points 'x,y': expected X,Y"), (["method.steps=1"], "at least one")],
+)
+def test_match_rejects_malformed_points(image, capsys, no_model, points, expected):
+    line = user_error(capsys, ["match", str(image), str(image), "--points", *points, *MATCH])
+    assert expected in line
+
+
+def test_match_rejects_a_file_that_is_not_an_image(tmp_path, image, capsys, no_model):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    line = user_error(capsys, ["match", str(image), str(text), "--points", "4,5", *MATCH])
+    assert f"image file {str(text)!r} cannot be read as an image" in line
+    missing = tmp_path / "missing.jpg"
+    line = user_error(capsys, ["match", str(missing), str(image), "--points", "4,5", *MATCH])
+    assert f"image file {str(missing)!r} does not exist" in line
+
+
+def test_segment_user_errors_name_the_argument(tmp_path, image, capsys, no_model):
+    line = user_error(capsys, ["segment", str(image), "--classes", "cat", "--pixel", "40,3"])
+    assert "--pixel (40, 3) lies outside the 32x32 (w x h) image" in line and str(image) in line
+    line = user_error(capsys, ["segment", str(image), "--classes", "cat", "--explain", "w.png"])
+    assert "--explain needs --pixel X,Y" in line
+    missing = tmp_path / "nope.png"
+    line = user_error(capsys, ["segment", str(missing), "--classes", "cat"])
+    assert f"image file {str(missing)!r} does not exist" in line
+
+
+def test_prototypes_build_user_errors_name_the_argument_or_key(tmp_path, capsys, no_model):
+    build = ["prototypes", "build", "--out", str(tmp_path / "protos")]
+    line = user_error(capsys, [*build, "--classes", "cat", "cat"])
+    assert "--classes: names must be non-empty and distinct" in line
+    line = user_error(capsys, [*build, "--classes", "background", "cat"])
+    assert "'background' is always label 0" in line
+    line = user_error(capsys, [*build, "--classes", "cat", "method.kmeans_kk=3"])
+    assert "method.kmeans_kk" in line and "method.kmeans_k" in line
+
+
+def test_eval_run_folder_errors_are_one_line(tmp_path, capsys):
+    demo = ["eval", "demo_correspondence", "backbone=tiny", "logger=none"]
+    line = user_error(capsys, [*demo, f"resume={tmp_path}"])
+    assert f"resume={str(tmp_path)!r} is not a run folder" in line
+    taken = tmp_path / "file"
+    taken.write_text("")
+    line = user_error(capsys, [*demo, f"output_dir={taken}"])
+    assert f"output_dir={str(taken)!r}: cannot create the run folder" in line
+    line = user_error(capsys, [*demo, f"output_dir={tmp_path / 'r'}", "trainer.precision=99"])
+    assert line.startswith("sdzero: error: trainer: ") and "Precision 99" in line
+    line = user_error(capsys, [*demo, f"output_dir={tmp_path / 's'}", "backbone.arch=sd3"])
+    assert "backbone.arch='sd3' is not a Stable Diffusion architecture" in line
+
+
+@pytest.mark.parametrize(
+    ("target", "argv"),
+    [
+        ("sdzero.runs.run_eval", ["eval", "demo_correspondence"]),
+        ("sdzero.correspondence.cli.match_images", ["match", "a.png", "b.png", "--points", "1,2"]),
+        ("sdzero.segmentation.api.segment_file", ["segment", "a.png", "--classes", "cat"]),
+        (
+            "sdzero.segmentation.api.build_prototype_cache",
+            ["prototypes", "build", "--out", "p", "--classes", "cat"],
+        ),
+    ],
+)
+@pytest.mark.parametrize("kind", [RuntimeError, ValueError])
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch, capsys, target, argv, kind):
+    """Only user errors become one line: a bug (even a plain ValueError) propagates."""
+
+    def bug(*args, **kwargs):
+        raise kind("a bug")
+
+    monkeypatch.setattr(target, bug)
+    with pytest.raises(kind, match="a bug"):
+        main(argv)
+    assert "sdzero: error" not in capsys.readouterr().err
+
+
+def test_the_command_exits_2_with_one_line_and_no_traceback(image):
+    from cli_runs import sdzero
+
+    res = sdzero("match", str(image), str(image), "--points", "40,5", *MATCH, timeout=300)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip().splitlines() == [
+        f"sdzero: error: query point [40.0, 5.0] lies outside the 32x32 (w x h) source image "
+        f"{str(image)!r}; expected 0 <= x <= 32 and 0 <= y <= 32"
+    ]
+
+
+def test_every_user_error_derives_from_one_class():
+    from datamodules.base import DatasetFormatError, DatasetNotFoundError
+    from sdzero.backbones.errors import WeightsFormatError, WeightsNotFoundError
+    from sdzero.config import ConfigError
+    from sdzero.errors import InputError, UserError
+
+    errors = (ConfigError, InputError, DatasetFormatError, DatasetNotFoundError)
+    errors += (WeightsFormatError, WeightsNotFoundError)
+    assert all(issubclass(e, UserError) for e in errors)
+    # callers that catch the builtin kinds keep working
+    assert issubclass(ConfigError, ValueError) and issubclass(DatasetFormatError, ValueError)
+    assert issubclass(WeightsFormatError, ValueError) and issubclass(InputError, ValueError)
+    assert issubclass(DatasetNotFoundError, FileNotFoundError)
+    assert issubclass(WeightsNotFoundError, FileNotFoundError)
 
 
 def test_eval_errors_are_one_clear_line(tmp_path, capsys):

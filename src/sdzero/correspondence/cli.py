@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
+from sdzero.errors import InputError
+
 
 def _point(text: str) -> tuple[float, float]:
     try:
         x, y = (float(v) for v in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"point {text!r} must look like X,Y (pixels)") from err
+    except ValueError:
+        raise InputError(f"--points {text!r}: expected X,Y (pixels of SRC), e.g. 10,20") from None
     return x, y
 
 
@@ -28,15 +30,19 @@ def match_images(
     """
     from datamodules.base import load_rgb
     from sdzero.config import compose
+    from sdzero.correspondence.module import check_query_points
     from sdzero.runs import build_method
 
     if not points:
-        raise ValueError("give at least one query point: --points X,Y [X,Y ...]")
+        raise InputError("--points: give at least one query point, X,Y [X,Y ...]")
     cfg = compose(None, ["data=synthetic_correspondence", *overrides])
     module = build_method(cfg)
-    src_img, trg_img = load_rgb(src), load_rgb(trg)  # validate the files before loading the model
+    # every input is checked before the model is loaded
+    src_img, trg_img = load_rgb(src), load_rgb(trg)
+    query = torch.tensor(points, dtype=torch.float32)
+    check_query_points(query, src_img.shape[2], src_img.shape[1], f"source image {str(src)!r}")
     module.setup("test")
-    pred = module.predict_pair(src_img, trg_img, torch.tensor(points, dtype=torch.float32))
+    pred = module.predict_pair(src_img, trg_img, query)
     return src_img, trg_img, pred
 
 

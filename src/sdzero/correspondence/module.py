@@ -11,6 +11,7 @@ import torch
 from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
 from sdzero.correspondence.frames import ModelFrame
+from sdzero.errors import InputError
 from sdzero.evaluation import EvaluationModule
 from sdzero.metrics.pck import PCK, THRESHOLD_KINDS, threshold_size
 from sdzero.settings import build_settings
@@ -54,6 +55,22 @@ class CorrespondenceSettings(FitConfig):
         alphas = self.pck_alphas
         if not alphas or min(alphas) <= 0 or len(set(alphas)) != len(alphas):
             raise ValueError(f"method.pck_alphas must be distinct numbers > 0, got {list(alphas)}")
+
+
+def check_query_points(
+    points: torch.Tensor, width: int, height: int, image: str = "source image"
+) -> None:
+    """:class:`InputError` unless every ``(x, y)`` of ``points`` ``(N, 2)`` (pixels of the original
+    source image, edges included) lies in the ``width`` x ``height`` image named ``image``."""
+    outside = (
+        (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
+    )
+    if outside.any():
+        bad = points[outside][0].tolist()
+        raise InputError(
+            f"query point {bad} lies outside the {width}x{height} (w x h) {image}; expected "
+            f"0 <= x <= {width} and 0 <= y <= {height}"
+        )
 
 
 class PromptCorrespondenceModule(EvaluationModule):
@@ -101,13 +118,7 @@ class PromptCorrespondenceModule(EvaluationModule):
         size = self.fit_cfg.image_size
         src_frame = ModelFrame(int(src_img.shape[2]), int(src_img.shape[1]), size, self.resize)
         trg_frame = ModelFrame(int(trg_img.shape[2]), int(trg_img.shape[1]), size, self.resize)
-        w, h = src_frame.w, src_frame.h
-        outside = (
-            (src_kps[:, 0] < 0) | (src_kps[:, 0] > w) | (src_kps[:, 1] < 0) | (src_kps[:, 1] > h)
-        )
-        if outside.any():
-            bad = src_kps[outside][0].tolist()
-            raise ValueError(f"query point {bad} lies outside the {w}x{h} source image")
+        check_query_points(src_kps, src_frame.w, src_frame.h)
         pred = self.method.match(
             src_frame.image(src_img).to(self.device),
             trg_frame.image(trg_img).to(self.device),

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from sdzero.config import compose
+from sdzero.errors import InputError
 from sdzero.records import write_bytes_atomic
 from sdzero.runs import build_method
 from sdzero.segmentation.explain import explain_pixel, render_explanation
@@ -26,14 +27,16 @@ BASE_OVERRIDES = ("backbone=sd15", "method=ovdiff", "data=synthetic_segmentation
 
 
 def check_classes(classes: Sequence[str]) -> list[str]:
-    """The class names, stripped; ``ValueError`` if empty, blank or repeated."""
+    """The class names, stripped; :class:`InputError` if empty, blank or repeated."""
     names = [str(c).strip() for c in classes]
     if not names:
-        raise ValueError("no classes given: pass at least one class name, e.g. --classes cat dog")
+        raise InputError(
+            "--classes: no classes given; pass at least one name, e.g. --classes cat dog"
+        )
     if any(not n for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"class names must be non-empty and distinct, got {list(classes)}")
+        raise InputError(f"--classes: names must be non-empty and distinct, got {list(classes)}")
     if "background" in names:
-        raise ValueError("'background' is always label 0; list only the other classes")
+        raise InputError("--classes: 'background' is always label 0; list only the other classes")
     return names
 
 
@@ -84,15 +87,16 @@ def segment_file(
 
     names = check_classes(classes)
     if explain is not None and pixel is None:
-        raise ValueError(
+        raise InputError(
             "--explain needs --pixel X,Y (the pixel to explain, original-image pixels)"
         )
     pixels = load_rgb(image)
     if pixel is not None and not (
         0 <= pixel[0] < pixels.shape[2] and 0 <= pixel[1] < pixels.shape[1]
     ):
-        raise ValueError(
-            f"pixel {pixel} lies outside the {pixels.shape[2]}x{pixels.shape[1]} (w x h) image"
+        raise InputError(
+            f"--pixel {pixel} lies outside the {pixels.shape[2]}x{pixels.shape[1]} (w x h) image "
+            f"{str(image)!r}"
         )
     module = load_method(compose_method(overrides))
     labels_names = ["background", *names]

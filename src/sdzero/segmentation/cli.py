@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from typing import Any
 
 OVERRIDES_HELP = (
     "key=value config overrides (method.*, backbone=<name>, trainer.accelerator, ...), placed "
@@ -27,32 +25,23 @@ def _split_overrides(args: argparse.Namespace) -> None:
     args.classes = [c for c in args.classes if "=" not in c]
 
 
-def _run(action: Any) -> int:
-    # Mistakes in the command's own arguments: a message, not a traceback.
-    try:
-        print(json.dumps(action(), indent=2))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"sdzero: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def _segment(args: argparse.Namespace) -> int:
     from sdzero.segmentation.api import segment_file
 
     _split_overrides(args)
-    return _run(
-        lambda: segment_file(
-            args.image, args.classes, args.overrides, args.out, args.explain, args.pixel
-        )
+    summary = segment_file(
+        args.image, args.classes, args.overrides, args.out, args.explain, args.pixel
     )
+    print(json.dumps(summary, indent=2))
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:
     from sdzero.segmentation.api import build_prototype_cache
 
     _split_overrides(args)
-    return _run(lambda: build_prototype_cache(args.classes, args.out, args.overrides))
+    print(json.dumps(build_prototype_cache(args.classes, args.out, args.overrides), indent=2))
+    return 0
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
