@@ -112,16 +112,22 @@ def get_vit_spec(name: str) -> ViTSpec:
     return VIT_MODELS[name]
 
 
-def load_backbone_model(name: str, weights: str = "pretrained") -> nn.Module:
+def load_backbone_model(
+    name: str, weights: str = "pretrained", dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """Build the named backbone frozen in eval mode: a timm ``VisionTransformer`` or a full
     open_clip ``CLIP`` model (both towers).
 
     ``weights``: "pretrained" (the usual hub weights, from the local cache when offline),
     "random" (loud warning: features are meaningless) or a path to a local checkpoint file
     (a timm state dict for DINO, an open_clip state dict for CLIP). Raises
-    ``WeightsNotFoundError`` when the weights cannot be loaded.
+    ``WeightsNotFoundError`` when the weights cannot be loaded. ``dtype=torch.float16`` (CLIP
+    only) is OpenAI CLIP's half precision, what ``clip.load`` gives on CUDA: open_clip's
+    ``precision="fp16"``, linear/conv/attention weights in fp16, layer norms computed in fp32.
     """
     spec = get_vit_spec(name)
+    if dtype != torch.float32 and (dtype != torch.float16 or spec.library != "open_clip"):
+        raise ValueError(f"backbone {name!r} cannot be built in {dtype}; expected torch.float32")
     if weights == "random":
         logger.warning(
             "RANDOM WEIGHTS for backbone %r: its features are meaningless; use only for tests and "
@@ -144,7 +150,7 @@ def load_backbone_model(name: str, weights: str = "pretrained") -> nn.Module:
                 "an existing checkpoint file"
             )
     try:
-        model = _create(spec, source)
+        model = _create(spec, source, dtype)
     except (OSError, RuntimeError) as err:
         if source == "pretrained":
             raise WeightsNotFoundError(
@@ -161,7 +167,7 @@ def load_backbone_model(name: str, weights: str = "pretrained") -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _create(spec: ViTSpec, source: str | Path | None) -> nn.Module:
+def _create(spec: ViTSpec, source: str | Path | None, dtype: torch.dtype) -> nn.Module:
     """Instantiate ``spec`` offline (source None), from the hub cache ("pretrained") or a file."""
     if spec.library == "timm":
         # Our own position-embedding resampling handles other sizes; dynamic_img_size only
@@ -176,13 +182,14 @@ def _create(spec: ViTSpec, source: str | Path | None) -> nn.Module:
         spec.arch,
         pretrained=None if pretrained is None else str(pretrained),
         force_quick_gelu=True,
+        precision="fp16" if dtype == torch.float16 else "fp32",
         **spec.overrides,
     )
 
 
-def check_images(images: Tensor, multiple_of: int = 1) -> None:
-    """Raise ``ValueError`` unless ``images`` is a float (B, 3, H, W) batch with H and W
-    multiples of ``multiple_of``."""
+def check_images(images: Tensor, min_size: int = 1) -> None:
+    """Raise ``ValueError`` unless ``images`` is a float (B, 3, H, W) batch with H and W at least
+    ``min_size`` pixels."""
     if not (
         isinstance(images, Tensor)
         and images.ndim == 4
@@ -196,28 +203,30 @@ def check_images(images: Tensor, multiple_of: int = 1) -> None:
         )
         raise ValueError(f"expected images as a float tensor (B, 3, H, W) in [0, 1], got {got}")
     height, width = images.shape[-2:]
-    if height % multiple_of or width % multiple_of:
+    if min(height, width) < min_size:
         raise ValueError(
-            f"image size {height}x{width} (HxW) is not a multiple of the patch size {multiple_of}; "
-            f"resize to e.g. {max(1, round(height / multiple_of)) * multiple_of}x"
-            f"{max(1, round(width / multiple_of)) * multiple_of}"
+            f"image size {height}x{width} (HxW) is smaller than one patch ({min_size} px); "
+            f"resize to at least {min_size}x{min_size}"
         )
 
 
-def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
+def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], force: bool = False) -> Tensor:
     """Resample learned position embeddings ``(1 + g*g, C)`` (class token first, square grid)
-    to ``(1 + h*w, C)`` for a ``grid = (h, w)`` patch grid; unchanged at the native grid.
+    to ``(1 + h*w, C)`` for a ``grid = (h, w)`` patch grid; unchanged at the native grid unless
+    ``force``.
 
     Bicubic with DINO's convention (``interpolate_pos_encoding`` of facebookresearch/dino, which
     OVDiff's extractors inherit): scale factors ``(h + 0.1) / g`` instead of an output size, which
-    moves the sampling points slightly compared with a size-based resize.
+    moves the sampling points slightly compared with a size-based resize. That code skips the
+    resampling only when the token count is native *and* the input image is square in pixels;
+    ``force`` (a non-square image) reproduces the second condition.
     """
     num_patches, dim = pos_embed.shape[0] - 1, pos_embed.shape[1]
     native = math.isqrt(num_patches)
     if native * native != num_patches:
         raise ValueError(f"expected a square grid of position embeddings, got {num_patches}")
     height, width = grid
-    if (height, width) == (native, native):
+    if (height, width) == (native, native) and not force:
         return pos_embed
     patch_pos = pos_embed[1:].reshape(1, native, native, dim).permute(0, 3, 1, 2)
     patch_pos = F.interpolate(
@@ -255,8 +264,9 @@ def _raise_open_clip_keys(module: nn.MultiheadAttention, args: tuple[Tensor, ...
 class ViTFeatureExtractor(nn.Module):
     """Dense features of one block of a frozen ViT on its patch grid.
 
-    ``forward(images)``: (B, 3, H, W) float in [0, 1], H and W multiples of ``patch_size`` ->
-    (B, dim, H / patch_size, W / patch_size). ``facet="key"``: the block's attention keys, heads
+    ``forward(images)``: (B, 3, H, W) float in [0, 1], H, W >= p (``patch_size``) -> (B, dim,
+    H // p, W // p); the last H mod p rows and W mod p columns never reach a patch, as with the
+    official stride-p patch convolution. ``facet="key"``: the block's attention keys, heads
     concatenated (OVDiff); ``facet="token"``: the block's output tokens. The class token is
     dropped; position embeddings are resampled for any grid (``interpolate_pos_embed``); the
     blocks after ``block`` never run, nor, for keys, the block's own attention and MLP.
@@ -315,8 +325,9 @@ class ViTFeatureExtractor(nn.Module):
     def _blocks(self) -> nn.ModuleList | nn.Sequential:
         return self.model.blocks if self._is_timm else self.model.transformer.resblocks
 
-    def _embed(self, images: Tensor) -> Tensor:
-        """Normalised (B, 3, H, W) -> tokens (B, 1 + h*w, C) entering the first block.
+    def _embed(self, images: Tensor, force_pos: bool) -> Tensor:
+        """Normalised (B, 3, H, W), patch multiples -> tokens (B, 1 + h*w, C) entering the first
+        block; ``force_pos``: resample position embeddings even at the native grid.
 
         Training-only dropouts (position / patch dropout) are left out.
         """
@@ -339,7 +350,8 @@ class ViTFeatureExtractor(nn.Module):
             ],
             dim=1,
         )
-        tokens = tokens + interpolate_pos_embed(pos_embed, (height, width)).to(patches.dtype)
+        pos = interpolate_pos_embed(pos_embed, (height, width), force=force_pos)
+        tokens = tokens + pos.to(patches.dtype)
         return pre_norm(tokens)
 
     def _keys(self, block: nn.Module, tokens: Tensor) -> Tensor:
@@ -356,16 +368,19 @@ class ViTFeatureExtractor(nn.Module):
         raise RuntimeError(f"the key hook of block {self.block} did not fire")
 
     def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, dim, H / patch_size, W / patch_size)."""
+        """(B, 3, H, W) in [0, 1] -> (B, dim, H // patch_size, W // patch_size)."""
         check_images(images, self.patch_size)
         batch, _, height, width = images.shape
-        tokens = self._embed((images - self.mean) / self.std)
+        grid = (height // self.patch_size, width // self.patch_size)
+        # Same patches as the official convolution; timm's patch embedding rejects a remainder.
+        kept = images[..., : grid[0] * self.patch_size, : grid[1] * self.patch_size]
+        # DINO's rule: only a square image at the native grid keeps its position embeddings.
+        tokens = self._embed((kept - self.mean) / self.std, force_pos=height != width)
         blocks = self._blocks()
         for block in blocks[: self.block]:
             tokens = block(tokens)
         last = blocks[self.block]
         features = self._keys(last, tokens) if self.facet == "key" else last(tokens)
-        grid = (height // self.patch_size, width // self.patch_size)
         return features[:, 1:].transpose(1, 2).reshape(batch, self.dim, *grid)
 
 

@@ -1,12 +1,14 @@
 """Dense feature extractors for OVDiff prototypes and inference, behind one interface.
 
-Every extractor maps images ``(B, 3, H, W)`` in [0, 1] to features ``(B, D, gh, gw)`` on its grid,
-with the grid cell ``(i, j)`` covering pixels ``[i*H/gh, (i+1)*H/gh) x [j*W/gw, (j+1)*W/gw)``.
+Every extractor maps images ``(B, 3, H, W)`` in [0, 1] to features ``(B, D, gh, gw)`` on its grid.
 Support images (512², square) go straight in; test-time windows go through :meth:`prepare` first,
-which applies OVDiff's per-extractor input size ("Per-extractor input" in the reference notes).
-The SD (512²) and CLIP (448²) window resizes are the official torchvision-0.13 tensor resizes:
-bilinear without antialias. DINO and colour windows, which OVDiff does not resize below 800 px,
-are brought to a patch multiple with antialiased bicubic interpolation.
+which applies OVDiff's per-extractor input size ("Per-extractor input" in the reference notes):
+SD windows -> 512², CLIP windows -> 448² (the official torchvision-0.13 tensor resizes: bilinear
+without antialias); DINO windows as the official ``ViTFeats.resize`` (:func:`dino_input_size`);
+colour windows unchanged. The patch extractors (DINO, colour) drop the last ``H mod p`` rows and
+``W mod p`` columns of an input that is not a patch multiple, as the official stride-``p`` patch
+convolution does; the window's score map is then stretched over the whole window (official
+``predict.py``), dropped border included.
 
 Names accepted by :func:`build_extractor`:
 
@@ -38,33 +40,35 @@ SD_TIMESTEP = OVDIFF.sd_timestep
 SD_SEED = 43
 SD_INPUT_SIZE = 512
 CLIP_INPUT_SIZE = 448
+DINO_SHORT_SIDE = 448  # official ViTFeats.input_size, independent of the test short side
 DINO_MAX_SIDE = 800
 VIT_MODELS = {"dino": "dino_vitb8", "clip": "clip_vitb16"}
 
 
-def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """``(B, 3, H, W)`` in [0, 1] -> ``(B, 3, *size)``. ``mode``: ``bicubic`` (antialiased,
-    clamped to [0, 1]) or ``bilinear`` (no antialias: torchvision 0.13's tensor ``resize``, as the
-    official code resizes SD and CLIP windows)."""
-    if mode not in ("bicubic", "bilinear"):
-        raise ValueError(f"resize mode must be 'bicubic' or 'bilinear', got {mode!r}")
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 3, *size)``: bilinear without antialias (torchvision 0.13's tensor
+    ``resize``, as the official code resizes its test-time windows); unchanged at that size."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    if mode == "bilinear":
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-    out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
-    return out.clamp_(0, 1)
+    return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def floor_to_multiple(
-    images: torch.Tensor, multiple: int, max_side: int | None = None
-) -> torch.Tensor:
-    """Resize so each side is a multiple of ``multiple`` (rounded down, at least one multiple),
-    after scaling down to ``max_side`` on the long side (aspect kept) when it is exceeded."""
-    h, w = images.shape[-2:]
-    scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
-    size = tuple(max(multiple, int(s * scale) // multiple * multiple) for s in (h, w))
-    return resize(images, size)
+def dino_input_size(height: int, width: int) -> tuple[int, int]:
+    """The ``(height, width)`` the official code gives DINO for a window of that size.
+
+    ``ViTFeats.resize`` (``predict.py``) keeps a window with both sides <= 448, so crops go in as
+    they are; a larger one (the full image) goes through torchvision 0.13's ``resize(img, 448,
+    max_size=800)``: the short side becomes 448 and the long one ``int(448 * long / short)``; when
+    that exceeds 800 the long side becomes 800 and the short one ``int(800 * 448 / long)``. The full
+    image, short side 448, is thus unchanged unless its long side exceeds 800.
+    """
+    if height <= DINO_SHORT_SIDE and width <= DINO_SHORT_SIDE:
+        return height, width
+    short, long = min(height, width), max(height, width)
+    new_short, new_long = DINO_SHORT_SIDE, int(DINO_SHORT_SIDE * long / short)
+    if new_long > DINO_MAX_SIDE:
+        new_short, new_long = int(DINO_MAX_SIDE * new_short / new_long), DINO_MAX_SIDE
+    return (new_short, new_long) if height <= width else (new_long, new_short)
 
 
 class FeatureExtractor(nn.Module):
@@ -144,7 +148,7 @@ class SDQueryExtractor(FeatureExtractor):
         }
 
     def prepare(self, window: torch.Tensor) -> torch.Tensor:
-        return resize(window, (self.input_size, self.input_size), "bilinear")
+        return resize(window, (self.input_size, self.input_size))
 
     def _seeded(self, count: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(self.seed) for _ in range(count)]
@@ -200,9 +204,10 @@ class SDQueryExtractor(FeatureExtractor):
 class ViTKeyExtractor(FeatureExtractor):
     """DINO/CLIP attention keys (``kind`` "dino" or "clip") of ``model`` (a ``VIT_MODELS`` name).
 
-    ``(B, 3, H, W)`` -> ``(B, 768, H/p, W/p)`` for the ViT-B models. Test-time windows: CLIP
-    resizes to ``448²`` (bilinear, no antialias); DINO keeps the window, scaled down to a long side
-    of at most 800, each side rounded down to a multiple of the patch.
+    ``(B, 3, H, W)`` -> ``(B, 768, H // p, W // p)`` for the ViT-B models (remainder rows and
+    columns dropped). Test-time windows: CLIP resizes to ``448²``; DINO to
+    :func:`dino_input_size` (unchanged for crops and a full image up to 800 px long); both
+    bilinear without antialias.
     """
 
     def __init__(
@@ -236,8 +241,8 @@ class ViTKeyExtractor(FeatureExtractor):
 
     def prepare(self, window: torch.Tensor) -> torch.Tensor:
         if self.kind == "clip":
-            return resize(window, (CLIP_INPUT_SIZE, CLIP_INPUT_SIZE), "bilinear")
-        return floor_to_multiple(window, self.patch_size, DINO_MAX_SIDE)
+            return resize(window, (CLIP_INPUT_SIZE, CLIP_INPUT_SIZE))
+        return resize(window, dino_input_size(*window.shape[-2:]))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -251,7 +256,8 @@ class ColourExtractor(FeatureExtractor):
     apart instead of seeing every colour in the positive octant); channels 3-5: the per-channel
     standard deviation within the patch (texture); channel 6: a constant 0.5, so that near-grey
     patches (centred to almost zero) keep a stable direction instead of one set by noise and tint.
-    Windows keep their size, rounded down to a multiple of ``patch``.
+    Windows keep their size; as in the ViTs, the last ``H mod p`` rows and ``W mod p`` columns
+    fall outside every patch.
     """
 
     name = "colour"
@@ -266,7 +272,7 @@ class ColourExtractor(FeatureExtractor):
         return {"name": self.name, "patch": self.patch_size, "version": 2}
 
     def prepare(self, window: torch.Tensor) -> torch.Tensor:
-        return floor_to_multiple(window, self.patch_size)
+        return window
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.patch_size)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from sdzero.segmentation.settings import OVDIFF
+from sdzero.segmentation.settings import CLIP_FILTER_DTYPES, OVDIFF
 
 
 class ClipClassifier(Protocol):
@@ -84,10 +84,23 @@ def clip_input(image: Tensor) -> Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)[None]
 
 
+def clip_filter_dtype(setting: str, device: torch.device | str) -> torch.dtype:
+    """The CLIP filter's dtype for ``method.clip_filter_dtype`` on ``device``: ``auto`` is the
+    official one (``clip.load`` gives float16 on CUDA, float32 on CPU); ``float32`` always."""
+    if setting not in CLIP_FILTER_DTYPES:
+        raise ValueError(
+            f"method.clip_filter_dtype must be one of {list(CLIP_FILTER_DTYPES)}, got {setting!r}"
+        )
+    if setting == "auto" and torch.device(device).type == "cuda":
+        return torch.float16
+    return torch.float32
+
+
 class ClipFilter:
     """The CLIP pre-filter as a :class:`~sdzero.segmentation.inference.Segmenter` class filter.
 
-    :param classifier: CLIP ViT-B/16 with ``encode_text`` / ``encode_image`` (L2-normalised).
+    :param classifier: CLIP ViT-B/16 with ``encode_text`` / ``encode_image`` (L2-normalised;
+        run in the dtype :func:`clip_filter_dtype` picks).
     :param classes: ``{label index: prompt name}`` of the filterable classes.
     :param always: label indices kept for every image without asking CLIP (the stuff classes).
     :param topk: at most this many candidates (10: at most 1023 subset prompts an image).
@@ -130,7 +143,9 @@ class ClipFilter:
         similarity = self._encode([f"a {n}" for n in self.names]) @ embedding
         options = subsets(clip_candidates(similarity, self.topk))
         prompts = [subset_prompt(self.names, s) for s in options]
-        chosen = best_subset(embedding, self._encode(prompts), options)
+        # Officially the subset embeddings (not the class ones) are normalised again in float32,
+        # which moves float16-normalised ones by rounding.
+        chosen = best_subset(embedding, F.normalize(self._encode(prompts), dim=-1), options)
         return sorted({self.labels[i] for i in chosen} | set(self.always))
 
 

@@ -25,7 +25,7 @@ from sdzero.evaluation import EvaluationModule
 from sdzero.metrics.miou import MeanIoU
 from sdzero.records import write_bytes_atomic
 from sdzero.segmentation.features import SDQueryExtractor, build_extractor
-from sdzero.segmentation.filters import ClipFilter
+from sdzero.segmentation.filters import ClipFilter, clip_filter_dtype
 from sdzero.segmentation.inference import PrototypeBank, Segmenter
 from sdzero.segmentation.prototypes import PrototypeCache, Prototypes, build_prototypes
 from sdzero.segmentation.settings import OVDiffSettings
@@ -178,8 +178,9 @@ class OVDiffModule(EvaluationModule):
         ):  # loaded first: a missing model fails before any build
             from sdzero.backbones.clip_text import build_clip_classifier
 
+            dtype = clip_filter_dtype(self.settings.clip_filter_dtype, self.device)
             classifier = build_clip_classifier(
-                self.settings.clip_model, self.settings.vit_weights
+                self.settings.clip_model, self.settings.vit_weights, dtype
             ).to(self.device)
             self.random_weights |= self.settings.vit_weights == "random"
             class_filter = ClipFilter(classifier, filterable, sorted(stuff), device=self.device)

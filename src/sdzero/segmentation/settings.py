@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EXTRACTOR_KINDS = ("sd", "dino", "clip", "colour")
+CLIP_FILTER_DTYPES = ("auto", "float32")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class OVDiffSettings:
     # --- inference
     clip_filter: bool = True  # CLIP pre-filter of the classes per image (p >= 1/C, <= 10, subsets)
     clip_model: str = "clip_vitb16"  # the filter's CLIP: OpenAI ViT-B/16
+    # the filter's precision: auto = official (clip.load: float16 on CUDA, float32 on CPU) |
+    # float32 everywhere
+    clip_filter_dtype: str = "auto"
     stuff_threshold: float = 0.85  # drop BG prototypes with cosine > this to a stuff FG prototype
     window_sizes: tuple[int, ...] = (448, 336)  # sliding windows (plus the full image)
     stride: int = 224  # window stride (pixels of the resized image)
@@ -88,6 +92,11 @@ class OVDiffSettings:
             raise ValueError(
                 f"method.kmeans_sample must be >= 0 (0: k-means++ on all pixels), got "
                 f"{self.kmeans_sample}"
+            )
+        if self.clip_filter_dtype not in CLIP_FILTER_DTYPES:
+            raise ValueError(
+                f"method.clip_filter_dtype must be one of {list(CLIP_FILTER_DTYPES)}, got "
+                f"{self.clip_filter_dtype!r}"
             )
         if not 0 <= self.stuff_threshold <= 1:
             raise ValueError(
