@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from sdzero.errors import UserError
+from sdzero.errors import ConfigError, UserError
 
 
 class DatasetFormatError(UserError, ValueError):
@@ -287,7 +287,7 @@ class BenchmarkDataModule(pl.LightningDataModule):
     def __init__(self, root: str, limit: int | None = None, num_workers: int = 0) -> None:
         super().__init__()
         if limit is not None and int(limit) < 1:
-            raise ValueError(f"data.limit must be a positive integer or null, got {limit!r}")
+            raise ConfigError(f"data.limit must be a positive integer or null, got {limit!r}")
         self.root = root
         self.limit = limit
         self.num_workers = num_workers

@@ -33,6 +33,7 @@ from datamodules.base import (
     KeypointPairDataset,
     find_dataset_root,
 )
+from sdzero.errors import ConfigError
 
 PROTOCOLS = ("hedlin", "sampled")
 DEFAULT_NUM_CLASSES = {"hedlin": 3, "sampled": None}
@@ -125,20 +126,24 @@ class CUBDataset(KeypointPairDataset):
         seed: int = 0,
     ) -> None:
         if protocol not in PROTOCOLS:
-            raise ValueError(f"CUB protocol must be one of {PROTOCOLS}, got {protocol!r}")
+            raise ConfigError(
+                f"data.protocol: CUB protocol must be one of {PROTOCOLS}, got {protocol!r}"
+            )
         if split not in ("train", "test"):
-            raise ValueError(f"CUB split must be 'train' or 'test', got {split!r}")
+            raise ConfigError(f"data.split: CUB split must be 'train' or 'test', got {split!r}")
         if num_classes is not None and int(num_classes) < 1:
-            raise ValueError(
-                f"CUB num_classes must be a positive integer or null, got {num_classes}"
+            raise ConfigError(
+                f"data.num_classes: CUB num_classes must be a positive integer or null, got {num_classes}"
             )
         if protocol == "hedlin" and num_pairs is not None:
-            raise ValueError(
-                "CUB num_pairs applies to protocol 'sampled' only; protocol 'hedlin' uses every "
+            raise ConfigError(
+                "data.num_pairs: CUB num_pairs applies to protocol 'sampled' only; protocol 'hedlin' uses every "
                 "within-class pair (set num_pairs to null)"
             )
         if num_pairs is not None and int(num_pairs) < 1:
-            raise ValueError(f"CUB num_pairs must be a positive integer or null, got {num_pairs}")
+            raise ConfigError(
+                f"data.num_pairs: CUB num_pairs must be a positive integer or null, got {num_pairs}"
+            )
         self.protocol = protocol
         self.split = split
         self.num_classes = (

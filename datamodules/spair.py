@@ -23,6 +23,7 @@ from datamodules.base import (
     read_json,
     require,
 )
+from sdzero.errors import ConfigError
 
 SPLITS = ("trn", "val", "test")
 
@@ -78,7 +79,7 @@ class SPairDataset(KeypointPairDataset):
         self, root: str | Path, split: str = "test", category: str | Sequence[str] | None = None
     ) -> None:
         if split not in SPLITS:
-            raise ValueError(f"SPair-71k split must be one of {SPLITS}, got {split!r}")
+            raise ConfigError(f"data.split: SPair-71k split must be one of {SPLITS}, got {split!r}")
         self.split = split
         self.categories = [category] if isinstance(category, str) else category
         super().__init__(root)
@@ -92,8 +93,8 @@ class SPairDataset(KeypointPairDataset):
             available = sorted({cat for _, cat in names})
             unknown = [c for c in self.categories if c not in available]
             if unknown:
-                raise ValueError(
-                    f"SPair-71k split {self.split!r} has no category {unknown}; "
+                raise ConfigError(
+                    f"data.category: SPair-71k split {self.split!r} has no category {unknown}; "
                     f"available: {available}"
                 )
             names = [(name, cat) for name, cat in names if cat in self.categories]
