@@ -133,7 +133,7 @@ def test_prototypes_build_user_errors_name_the_argument_or_key(tmp_path, capsys,
     assert "method.kmeans_kk" in line and "method.kmeans_k" in line
 
 
-def test_eval_run_folder_errors_are_one_line(tmp_path, capsys):
+def test_eval_user_errors_are_one_line(tmp_path, capsys):
     demo = ["eval", "demo_correspondence", "backbone=tiny", "logger=none"]
     line = user_error(capsys, [*demo, f"resume={tmp_path}"])
     assert f"resume={str(tmp_path)!r} is not a run folder" in line
@@ -145,6 +145,8 @@ def test_eval_run_folder_errors_are_one_line(tmp_path, capsys):
     assert line.startswith("sdzero: error: trainer: ") and "Precision 99" in line
     line = user_error(capsys, [*demo, f"output_dir={tmp_path / 's'}", "backbone.arch=sd3"])
     assert "backbone.arch='sd3' is not a Stable Diffusion architecture" in line
+    line = user_error(capsys, ["eval", "spair_ldm", f"data.root={tmp_path}", "data.split=tst"])
+    assert "data.split: SPair-71k split must be one of ('trn', 'val', 'test'), got 'tst'" in line
 
 
 @pytest.mark.parametrize(
