@@ -123,6 +123,26 @@ def test_segment_user_errors_name_the_argument(tmp_path, image, capsys, no_model
     assert f"image file {str(missing)!r} does not exist" in line
 
 
+def test_an_empty_support_folder_is_one_error_line(tmp_path, image, capsys):
+    (tmp_path / "support").mkdir()
+    line = user_error(
+        capsys,
+        [
+            "segment",
+            str(image),
+            "--classes",
+            "cat",
+            f"method.support_folder={tmp_path / 'support'}",
+            "method.extractors=[colour]",
+            "method.mask_proposer=saliency",
+            "method.clip_filter=false",
+            f"method.prototype_cache={tmp_path / 'cache'}",
+        ],
+    )
+    assert "method.support_folder: no support images for class 'cat'" in line
+    assert str(tmp_path / "support" / "cat") in line
+
+
 def test_prototypes_build_user_errors_name_the_argument_or_key(tmp_path, capsys, no_model):
     build = ["prototypes", "build", "--out", str(tmp_path / "protos")]
     line = user_error(capsys, [*build, "--classes", "cat", "cat"])
@@ -189,9 +209,9 @@ def test_every_user_error_derives_from_one_class():
     from datamodules.base import DatasetFormatError, DatasetNotFoundError
     from sdzero.backbones.errors import WeightsFormatError, WeightsNotFoundError
     from sdzero.config import ConfigError
-    from sdzero.errors import InputError, UserError
+    from sdzero.errors import InputError, MissingFileError, UserError
 
-    errors = (ConfigError, InputError, DatasetFormatError, DatasetNotFoundError)
+    errors = (ConfigError, InputError, MissingFileError, DatasetFormatError, DatasetNotFoundError)
     errors += (WeightsFormatError, WeightsNotFoundError)
     assert all(issubclass(e, UserError) for e in errors)
     # callers that catch the builtin kinds keep working
@@ -199,6 +219,7 @@ def test_every_user_error_derives_from_one_class():
     assert issubclass(WeightsFormatError, ValueError) and issubclass(InputError, ValueError)
     assert issubclass(DatasetNotFoundError, FileNotFoundError)
     assert issubclass(WeightsNotFoundError, FileNotFoundError)
+    assert issubclass(MissingFileError, FileNotFoundError)
 
 
 def test_eval_errors_are_one_clear_line(tmp_path, capsys):

@@ -22,3 +22,8 @@ class ConfigError(UserError, ValueError):
 class InputError(UserError, ValueError):
     """A command-line input (an image file, a query point, a class name) is unusable; the message
     names the argument and what was expected."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder that a config key or argument points at is missing or empty; the message
+    names the key (or argument), the path and what was expected there."""

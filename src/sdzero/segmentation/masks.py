@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from sdzero.errors import MissingFileError
+
 FG_THRESHOLD = 0.5
 BG_THRESHOLD = 0.2
 CUTLER_SCORE_THRESHOLD = 0.35
@@ -251,9 +253,9 @@ def _load_cutler(
     if importlib.util.find_spec("detectron2") is None:
         raise ImportError(f"detectron2 is not installed.\n{_CUTLER_HELP}")
     if not root or not (Path(root) / "config" / "cutler_config.py").is_file():
-        raise FileNotFoundError(f"CutLER code not found at cutler_root={root!r}.\n{_CUTLER_HELP}")
+        raise MissingFileError(f"CutLER code not found at cutler_root={root!r}.\n{_CUTLER_HELP}")
     if not weights or not Path(weights).is_file():
-        raise FileNotFoundError(f"CutLER weights not found at {weights!r}.\n{_CUTLER_HELP}")
+        raise MissingFileError(f"CutLER weights not found at {weights!r}.\n{_CUTLER_HELP}")
     config = config or str(
         Path(root) / "model_zoo" / "configs" / "CutLER-ImageNet" / "cascade_mask_rcnn_R_50_FPN.yaml"
     )

@@ -30,6 +30,7 @@ from PIL import Image
 
 from sdzero.backbones.attention import AttentionCapture, cross_attention_layers
 from sdzero.backbones.sd import StableDiffusion
+from sdzero.errors import MissingFileError
 from sdzero.records import write_bytes_atomic, write_json_atomic
 from sdzero.segmentation.settings import OVDIFF
 
@@ -229,8 +230,8 @@ def load_support_folder(folder: str | Path, name: str, size: int = 512) -> Suppo
     directory = Path(folder) / name
     files = sorted(p for p in directory.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(
-            f"no support images for class {name!r}: expected {'/'.join(IMAGE_SUFFIXES)} files in "
+        raise MissingFileError(
+            f"method.support_folder: no support images for class {name!r}: expected {'/'.join(IMAGE_SUFFIXES)} files in "
             f"{directory}"
         )
     images = torch.stack([_read_image(p, size) for p in files])
