@@ -167,7 +167,7 @@ def effect(device: str, quick: bool) -> list[Row]:
             t0 = time.perf_counter()
             for i in range(len(data)):
                 batch = data[i]
-                record = module.evaluate(batch)
+                record = module.task.record(batch, module.predict(batch))
                 pred = torch.tensor(record["pred_kps"])
                 err = (pred - batch["trg_kps"]).norm(dim=1)
                 correct.append(err <= 0.1 * record["threshold_size"])

@@ -18,7 +18,7 @@ from sdzero.correspondence.fitting import (
     gaussian_targets,
     item_generator,
 )
-from sdzero.correspondence.frames import ModelFrame
+from sdzero.tasks.frames import ModelFrame
 
 S = 128
 
@@ -259,9 +259,9 @@ def test_pck_threshold_sizes_in_both_frames_including_the_cub_quirk():
     }
 
     def size(**kw):
-        return PromptCorrespondenceModule({"arch": "tiny", "weights": None}, **kw)._threshold_size(
-            batch
-        )
+        return PromptCorrespondenceModule(
+            {"arch": "tiny", "weights": None}, **kw
+        ).task.threshold_size(batch)
 
     assert size(pck_threshold="bbox-target") == pytest.approx(80.0)
     assert size(pck_threshold="bbox-target", pck_frame="resized") == pytest.approx(80 * 5.12)

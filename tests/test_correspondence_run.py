@@ -15,10 +15,10 @@ import torch
 from datamodules.synthetic_correspondence import SyntheticCorrespondenceDataModule
 from sdzero.config import compose
 from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
-from sdzero.correspondence.frames import ModelFrame
 from sdzero.metrics.pck import PCK
 from sdzero.records import read_records
 from sdzero.runs import run_eval
+from sdzero.tasks.frames import ModelFrame
 
 S = 128
 CHANCE = math.pi * (0.1 * S) ** 2 / S**2  # 3.1%

@@ -11,7 +11,7 @@ import torch
 from datamodules.synthetic_correspondence import SyntheticCorrespondenceDataModule
 from sdzero.backbones.sd import WeightsNotFoundError, load_stable_diffusion
 from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
-from sdzero.correspondence.frames import ModelFrame
+from sdzero.tasks.frames import ModelFrame
 
 pytestmark = pytest.mark.slow
 

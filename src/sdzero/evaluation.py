@@ -1,10 +1,11 @@
-"""The evaluation loop both methods share: a LightningModule whose ``test_step`` evaluates one sample.
+"""The evaluation loop every method shares: a LightningModule whose ``test_step`` evaluates one sample.
 
-A method subclasses :class:`EvaluationModule` and implements :meth:`evaluate` (one sample -> one
-prediction record), :meth:`update_metric` (record -> its torchmetrics Metric) and :meth:`summarise`
-(the Metric's result -> ``metrics.json``). This base writes each record as soon as it is produced
-(``predictions/rank<k>.jsonl``, flushed), times the samples, and writes ``metrics.json`` atomically on
-rank 0 at the end. The methods never import each other; they share this file.
+A method subclasses :class:`EvaluationModule`, sets ``self.task`` (a :class:`~sdzero.tasks.Task`:
+the records, metric, summary and visuals of its kind of benchmark) and implements :meth:`predict`
+(one sample -> one prediction). This base turns each prediction into the task's record, writes its
+artifacts and then the record as soon as they are produced (``predictions/rank<k>.jsonl``, flushed),
+reuses finished records on resume, times the samples, and writes ``metrics.json`` atomically on
+rank 0 at the end. Methods never read or write files.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics import Metric
 
-from sdzero.records import RecordWriter, read_records, write_json_atomic
+from sdzero.records import RecordWriter, read_records, write_bytes_atomic, write_json_atomic
+from sdzero.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -36,79 +37,90 @@ class EvaluationModule(pl.LightningModule):
     :param visuals: how many samples (the first ones of each rank) get a PNG in ``visuals/``.
     """
 
-    metric: Metric
-
     def __init__(self, run_dir: str | None = None, visuals: int = 0) -> None:
         super().__init__()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.visuals = int(visuals)
+        self._task: Task | None = None
         self._writer: RecordWriter | None = None
         self._seconds = 0.0
         self._count = 0
         self.random_weights = False
         self.final_metrics: dict[str, Any] | None = None
 
+    @property
+    def task(self) -> Task:
+        if self._task is None:
+            raise RuntimeError(f"{type(self).__name__} has no task yet (set self.task in setup)")
+        return self._task
+
+    @task.setter
+    def task(self, task: Task) -> None:
+        self._task = task
+        self.metric = task.metric  # a child module: moved to the device, synced by Lightning
+
+    @property
+    def predictions_dir(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "predictions"
+
     # ---------------------------------------------------------------- to implement by the methods
-    def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Evaluate one sample and return its prediction record (JSON-serialisable)."""
+    def predict(self, batch: dict[str, Any]) -> Any:
+        """The method's prediction for one sample (the form its task expects)."""
         raise NotImplementedError
-
-    def update_metric(self, record: dict[str, Any], batch: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def summarise(self, computed: dict[str, Any]) -> dict[str, Any]:
-        """Turn the metric's result into the ``metrics.json`` object (task-specific keys)."""
-        raise NotImplementedError
-
-    def save_visual(self, record: dict[str, Any], batch: dict[str, Any], path: Path) -> None:
-        """Write a PNG for this sample (optional)."""
 
     # ------------------------------------------------------------------------------ the loop
-    def record_complete(self, record: dict[str, Any]) -> bool:
-        """Whether a record read back from disk is whole (e.g. its mask file exists)."""
-        return True
-
     def on_test_start(self) -> None:
         self._seconds, self._count, self._reused = 0.0, 0, 0
         self._done: dict[int, dict[str, Any]] = {}
-        if self.run_dir is not None:
+        folder = self.predictions_dir
+        if folder is not None:
             # every rank reads every rank's records: a resumed run may use another world size
-            for path in sorted((self.run_dir / "predictions").glob("*.jsonl")):
+            for path in sorted(folder.glob("*.jsonl")):
                 for record in read_records(path):
-                    if isinstance(record.get("index"), int) and self.record_complete(record):
+                    if isinstance(record.get("index"), int) and self.task.record_complete(
+                        record, folder
+                    ):
                         self._done.setdefault(record["index"], record)
-            path = self.run_dir / "predictions" / f"rank{self.global_rank}.jsonl"
-            self._writer = RecordWriter(path)
+            self._writer = RecordWriter(folder / f"rank{self.global_rank}.jsonl")
             if self._done and self.global_rank == 0:
                 log.info("resuming: %d finished samples found in %s", len(self._done), self.run_dir)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         done = self._done.get(int(batch["index"]))
+        folder = self.predictions_dir
         if done is not None:  # finished before an interruption: count it, do not redo it
             self._reused += 1
-            self.update_metric(done, batch)
+            self.task.update(done, batch, None, folder)
             return
         start = time.perf_counter()
-        record = self.evaluate(batch)
+        prediction = self.predict(batch)
+        record = self.task.record(batch, prediction)
         seconds = time.perf_counter() - start
         self._seconds += seconds
         self._count += 1
         self.log("seconds_per_sample", seconds, on_step=True, on_epoch=False, batch_size=1)
+        if folder is not None:
+            for name, data in self.task.artifacts(record, prediction).items():
+                write_bytes_atomic(folder / name, data)
         if self._writer is not None:
             self._writer.write(record)
-        self.update_metric(record, batch)
+        self.task.update(record, batch, prediction, folder)
         if self.run_dir is not None and batch_idx < self.visuals:
-            visuals = self.run_dir / "visuals"
-            visuals.mkdir(parents=True, exist_ok=True)
-            path = visuals / f"{record['id']}.png".replace("/", "_")
-            self.save_visual(record, batch, path)
-            if path.is_file() and _is_wandb(self.logger):
-                self.logger.log_image(
-                    key="visuals", images=[str(path)], caption=[str(record["id"])]
-                )
+            self._save_visual(record, batch, prediction)
+
+    def _save_visual(self, record: dict[str, Any], batch: dict[str, Any], prediction: Any) -> None:
+        image = self.task.visual(record, batch, prediction)
+        if image is None:
+            return
+        visuals = self.run_dir / "visuals"
+        visuals.mkdir(parents=True, exist_ok=True)
+        path = visuals / f"{record['id']}.png".replace("/", "_")
+        image.save(path)
+        if _is_wandb(self.logger):
+            self.logger.log_image(key="visuals", images=[str(path)], caption=[str(record["id"])])
 
     def on_test_epoch_end(self) -> None:
-        computed = self.metric.compute()
+        computed = self.task.metric.compute()
         log.info(
             "rank %d: %d samples evaluated in %.1f s (%.3f samples/s), %d reused from records",
             self.global_rank,
@@ -121,7 +133,7 @@ class EvaluationModule(pl.LightningModule):
         if self.trainer.world_size > 1:
             stats = self.all_gather(stats.to(self.device)).reshape(-1, 2).sum(0).cpu()
         seconds_per_sample = float(stats[0] / max(stats[1], 1.0))
-        summary = self.summarise({**computed, "seconds_per_sample": seconds_per_sample})
+        summary = self.task.summary({**computed, "seconds_per_sample": seconds_per_sample})
         datamodule = self.trainer.datamodule
         summary.update(
             dataset=getattr(datamodule, "dataset_name", type(datamodule).__name__),
@@ -137,7 +149,7 @@ class EvaluationModule(pl.LightningModule):
             self.logger.log_metrics(flat)
             if _is_wandb(self.logger):
                 _log_tables(self.logger, summary)
-        self.metric.reset()
+        self.task.metric.reset()
 
     def on_test_end(self) -> None:
         if self._writer is not None:

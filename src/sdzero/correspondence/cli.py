@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *(p for p in args.points if "=" in p)]
     src_img, trg_img, pred = match_images(args.src, args.trg, points, overrides)
     if args.viz:
-        from sdzero.correspondence.viz import draw_matches
+        from sdzero.tasks.viz import draw_matches
 
         draw_matches(src_img, trg_img, torch.tensor(points), pred).save(args.viz)
     print(json.dumps([[round(x, 2), round(y, 2)] for x, y in pred.tolist()]))

@@ -20,7 +20,8 @@ from sdzero.errors import InputError
 from sdzero.records import write_bytes_atomic
 from sdzero.runs import build_method
 from sdzero.segmentation.explain import explain_pixel, render_explanation
-from sdzero.segmentation.module import OVDiffModule, png_bytes
+from sdzero.segmentation.module import OVDiffModule
+from sdzero.tasks.segmentation import png_bytes
 
 # The data group is unused here; the synthetic one is chosen because it needs no dataset path.
 BASE_OVERRIDES = ("backbone=sd15", "method=ovdiff", "data=synthetic_segmentation", "logger=none")

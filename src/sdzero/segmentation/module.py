@@ -2,28 +2,22 @@
 
 ``on_test_start`` builds the prototypes of every class the datamodule names (sharded over ranks,
 each class once; the cache makes the other ranks and later runs reuse them), then assembles the
-:class:`~sdzero.segmentation.inference.Segmenter`. ``test_step`` segments one image, writes its
-mask PNG (class indices at the ground truth's size) to ``predictions/masks/<id>.png`` and updates
-the dataset mIoU.
+:class:`~sdzero.segmentation.inference.Segmenter`. :meth:`OVDiffModule.predict` segments one
+image; the segmentation task (:mod:`sdzero.tasks.segmentation`) turns the labels into the record,
+its mask PNG and the dataset mIoU.
 """
 
 from __future__ import annotations
 
-import colorsys
-import io
 import logging
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from sdzero.evaluation import EvaluationModule
-from sdzero.metrics.miou import MeanIoU
-from sdzero.records import write_bytes_atomic
 from sdzero.segmentation.features import SDQueryExtractor, build_extractor
 from sdzero.segmentation.filters import ClipFilter, clip_filter_dtype
 from sdzero.segmentation.inference import PrototypeBank, Segmenter
@@ -31,6 +25,7 @@ from sdzero.segmentation.prototypes import PrototypeCache, Prototypes, build_pro
 from sdzero.segmentation.settings import OVDiffSettings
 from sdzero.segmentation.support import FolderSupport, GeneratedSupport
 from sdzero.settings import build_settings
+from sdzero.tasks.segmentation import SegmentationTask
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +60,6 @@ class OVDiffModule(EvaluationModule):
         self.seed = seed
         self.segmenter: Segmenter | None = None
         self.prototypes: dict[int, dict[str, Prototypes]] = {}
-        self._prediction: torch.Tensor | None = None
-        self._prediction_index = -1
         self._sd: Any = None
         self._extractors: list[Any] | None = None
 
@@ -223,7 +216,7 @@ class OVDiffModule(EvaluationModule):
                 f"OVDiff needs a segmentation datamodule; {type(datamodule).__name__} lacks {missing}"
             )
         self.class_names = list(datamodule.class_names)
-        self.metric = MeanIoU(self.class_names, datamodule.ignore_index)
+        self.task = SegmentationTask(self.class_names, datamodule.ignore_index)
 
     def on_test_start(self) -> None:
         super().on_test_start()
@@ -235,76 +228,10 @@ class OVDiffModule(EvaluationModule):
             getattr(datamodule, "support_root", None),
         )
 
-    def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``(H, W)`` int64 labels of one image at its ground truth's size."""
         label = batch["label"]
         seg = self.segmenter(
             batch["image"], out_size=tuple(label.shape[-2:]), image_index=int(batch["index"])
         )
-        self._prediction, self._prediction_index = seg.labels, int(batch["index"])
-        record = {
-            "index": int(batch["index"]),
-            "id": str(batch["id"]),
-            "mask": mask_path(batch["id"]),
-        }
-        if self.run_dir is not None:
-            write_bytes_atomic(self.run_dir / "predictions" / record["mask"], png_bytes(seg.labels))
-        return record
-
-    def record_complete(self, record: dict[str, Any]) -> bool:
-        """A record counts only with its mask (written before the record, atomically)."""
-        mask = record.get("mask")
-        return bool(mask) and (self.run_dir / "predictions" / mask).is_file()
-
-    def update_metric(self, record: dict[str, Any], batch: dict[str, Any]) -> None:
-        if self._prediction_index == record["index"]:
-            prediction = self._prediction
-        else:  # reused from an earlier, interrupted run: read its mask back
-            with Image.open(self.run_dir / "predictions" / record["mask"]) as img:
-                prediction = torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.int64))
-        self.metric.update(prediction, batch["label"], index=record["index"])
-
-    def summarise(self, computed: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "task": "segmentation",
-            # Placeholders keep the contract's key order; the base class fills them in.
-            "dataset": None,
-            "split_size": None,
-            "num_images": computed["num_images"],
-            "miou": computed["miou"],
-            "per_class_iou": computed["per_class_iou"],
-            "seconds_per_image": computed["seconds_per_sample"],
-        }
-
-    def save_visual(self, record: dict[str, Any], batch: dict[str, Any], path: Path) -> None:
-        """Image | ground truth | prediction, classes in fixed colours (ignored pixels white)."""
-        image = batch["image"].permute(1, 2, 0).cpu().numpy()
-        panels = [image]
-        for labels in (batch["label"], self._prediction):
-            panels.append(colourise(labels, len(self.class_names)))
-        Image.fromarray(np.concatenate(panels, axis=1)).save(path)
-
-
-def mask_path(sample_id: Any) -> str:
-    """A record's mask path, relative to ``predictions/``."""
-    return f"masks/{sample_id}.png"
-
-
-def png_bytes(labels: torch.Tensor) -> bytes:
-    """``(H, W)`` class indices (< 256) as a single-channel 8-bit PNG."""
-    if int(labels.max()) > 255 or int(labels.min()) < 0:
-        raise ValueError(f"mask values {int(labels.min())}..{int(labels.max())} do not fit a PNG")
-    buffer = io.BytesIO()
-    Image.fromarray(labels.cpu().numpy().astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def colourise(labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    """``(H, W)`` labels -> ``(H, W, 3)`` uint8: class 0 black, others spread hues, the rest white."""
-    hues = [(c * 0.618034) % 1.0 for c in range(num_classes)]
-    palette = np.array([colorsys.hsv_to_rgb(h, 0.8, 0.9) for h in hues]) * 255
-    palette[0] = 0
-    values = labels.cpu().numpy()
-    out = np.full((*values.shape, 3), 255, dtype=np.uint8)
-    inside = (values >= 0) & (values < num_classes)
-    out[inside] = palette.astype(np.uint8)[values[inside]]
-    return out
+        return seg.labels

@@ -1,0 +1,113 @@
+"""Semantic segmentation: mIoU over a label space, for any method that predicts a label map.
+
+A prediction is ``(H, W)`` int64 class indices at the ground truth's size. Its record is
+``{"index", "id", "mask": "masks/<id>.png"}``; the mask (a single-channel 8-bit PNG) is an artifact
+written next to the records before the record itself, and read back when a run resumes.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdzero.metrics.miou import MeanIoU
+from sdzero.tasks.base import Task
+
+
+def mask_path(sample_id: Any) -> str:
+    """A record's mask path, relative to ``predictions/``."""
+    return f"masks/{sample_id}.png"
+
+
+def png_bytes(labels: torch.Tensor) -> bytes:
+    """``(H, W)`` class indices (< 256) as a single-channel 8-bit PNG."""
+    if int(labels.max()) > 255 or int(labels.min()) < 0:
+        raise ValueError(f"mask values {int(labels.min())}..{int(labels.max())} do not fit a PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(labels.cpu().numpy().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_mask(path: Path) -> torch.Tensor:
+    """A mask PNG back as ``(H, W)`` int64."""
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.int64))
+
+
+def colourise(labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """``(H, W)`` labels -> ``(H, W, 3)`` uint8: class 0 black, others spread hues, the rest white."""
+    hues = [(c * 0.618034) % 1.0 for c in range(num_classes)]
+    palette = np.array([colorsys.hsv_to_rgb(h, 0.8, 0.9) for h in hues]) * 255
+    palette[0] = 0
+    values = labels.cpu().numpy()
+    out = np.full((*values.shape, 3), 255, dtype=np.uint8)
+    inside = (values >= 0) & (values < num_classes)
+    out[inside] = palette.astype(np.uint8)[values[inside]]
+    return out
+
+
+class SegmentationTask(Task):
+    """Records with mask PNGs, mIoU, ``metrics.json`` and visuals of a segmentation benchmark."""
+
+    name = "segmentation"
+
+    def __init__(self, class_names: Sequence[str], ignore_index: int | None) -> None:
+        self.class_names = list(class_names)
+        self.metric = MeanIoU(self.class_names, ignore_index)
+
+    def record(self, batch: dict[str, Any], prediction: torch.Tensor) -> dict[str, Any]:
+        return {
+            "index": int(batch["index"]),
+            "id": str(batch["id"]),
+            "mask": mask_path(batch["id"]),
+        }
+
+    def artifacts(self, record: dict[str, Any], prediction: torch.Tensor) -> dict[str, bytes]:
+        return {record["mask"]: png_bytes(prediction)}
+
+    def record_complete(self, record: dict[str, Any], predictions: Path | None) -> bool:
+        """A record counts only with its mask (written before the record, atomically)."""
+        mask = record.get("mask")
+        return bool(mask) and predictions is not None and (predictions / mask).is_file()
+
+    def update(
+        self,
+        record: dict[str, Any],
+        batch: dict[str, Any],
+        prediction: torch.Tensor | None = None,
+        predictions: Path | None = None,
+    ) -> None:
+        if prediction is None:  # reused from an earlier, interrupted run: read its mask back
+            if predictions is None:
+                raise ValueError("a reused segmentation record needs its predictions/ folder")
+            prediction = read_mask(predictions / record["mask"])
+        self.metric.update(prediction, batch["label"], index=record["index"])
+
+    def summary(self, computed: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "task": "segmentation",
+            # Placeholders keep the contract's key order; the runner fills them in.
+            "dataset": None,
+            "split_size": None,
+            "num_images": computed["num_images"],
+            "miou": computed["miou"],
+            "per_class_iou": computed["per_class_iou"],
+            "seconds_per_image": computed["seconds_per_sample"],
+        }
+
+    def visual(
+        self, record: dict[str, Any], batch: dict[str, Any], prediction: torch.Tensor
+    ) -> Image.Image:
+        """Image | ground truth | prediction, classes in fixed colours (ignored pixels white)."""
+        image = batch["image"].permute(1, 2, 0).cpu().numpy()
+        panels = [image]
+        for labels in (batch["label"], prediction):
+            panels.append(colourise(labels, len(self.class_names)))
+        return Image.fromarray(np.concatenate(panels, axis=1))
