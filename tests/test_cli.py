@@ -209,10 +209,10 @@ def test_every_user_error_derives_from_one_class():
     from datamodules.base import DatasetFormatError, DatasetNotFoundError
     from sdzero.backbones.errors import WeightsFormatError, WeightsNotFoundError
     from sdzero.config import ConfigError
-    from sdzero.errors import InputError, MissingFileError, UserError
+    from sdzero.errors import InputError, MissingDependencyError, MissingFileError, UserError
 
     errors = (ConfigError, InputError, MissingFileError, DatasetFormatError, DatasetNotFoundError)
-    errors += (WeightsFormatError, WeightsNotFoundError)
+    errors += (WeightsFormatError, WeightsNotFoundError, MissingDependencyError)
     assert all(issubclass(e, UserError) for e in errors)
     # callers that catch the builtin kinds keep working
     assert issubclass(ConfigError, ValueError) and issubclass(DatasetFormatError, ValueError)
@@ -220,6 +220,26 @@ def test_every_user_error_derives_from_one_class():
     assert issubclass(DatasetNotFoundError, FileNotFoundError)
     assert issubclass(WeightsNotFoundError, FileNotFoundError)
     assert issubclass(MissingFileError, FileNotFoundError)
+    assert issubclass(MissingDependencyError, ImportError)
+
+
+def test_ovdiff_folder_keys_fail_before_any_model_loads(tmp_path, monkeypatch):
+    from sdzero.config import ConfigError
+    from sdzero.segmentation.module import OVDiffModule
+
+    def no_models(self):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(OVDiffModule, "_components", no_models)
+    cases = [
+        (dict(prototype_cache="run"), None, r"method\.prototype_cache=run needs a run folder"),
+        (dict(support_folder="auto"), None, r"method\.support_folder=auto takes the datamodule"),
+        (dict(support_folder=str(tmp_path / "nope")), None, r"support_folder=.*is not a folder"),
+    ]
+    for settings, root, pattern in cases:
+        module = OVDiffModule({}, mask_proposer="attention", **settings)
+        with pytest.raises(ConfigError, match=pattern):
+            module.build_prototypes(["cat"], support_root=root)
 
 
 def test_eval_errors_are_one_clear_line(tmp_path, capsys):

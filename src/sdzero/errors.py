@@ -27,3 +27,8 @@ class InputError(UserError, ValueError):
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder that a config key or argument points at is missing or empty; the message
     names the key (or argument), the path and what was expected there."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a chosen setting needs is not installed; the message names the setting
+    and how to install it."""

@@ -30,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import Tensor, nn
 
 from sdzero.backbones.errors import WeightsNotFoundError
+from sdzero.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ VIT_MODELS: dict[str, ViTSpec] = {
 def get_vit_spec(name: str) -> ViTSpec:
     """The named backbone; ``ValueError`` listing the known names otherwise."""
     if name not in VIT_MODELS:
-        raise ValueError(f"unknown ViT backbone {name!r}; expected one of {sorted(VIT_MODELS)}")
+        raise ConfigError(
+            f"unknown ViT backbone {name!r} (method.extractors dino:<vit> / clip:<vit>, "
+            f"method.clip_model); expected one of {sorted(VIT_MODELS)}"
+        )
     return VIT_MODELS[name]
 
 
@@ -145,7 +149,7 @@ def load_backbone_model(
     else:
         source = Path(weights).expanduser()
         if not source.is_file():
-            raise FileNotFoundError(
+            raise WeightsNotFoundError(
                 f"weights={weights!r} for backbone {name!r} is neither 'pretrained', 'random' nor "
                 "an existing checkpoint file"
             )

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from sdzero.errors import MissingFileError
+from sdzero.errors import MissingDependencyError, MissingFileError
 
 FG_THRESHOLD = 0.5
 BG_THRESHOLD = 0.2
@@ -251,7 +251,9 @@ def _load_cutler(
     root = cutler_root or os.environ.get("SDZERO_CUTLER_ROOT")
     weights = weights or os.environ.get("SDZERO_CUTLER_WEIGHTS")
     if importlib.util.find_spec("detectron2") is None:
-        raise ImportError(f"detectron2 is not installed.\n{_CUTLER_HELP}")
+        raise MissingDependencyError(
+            f"method.mask_proposer=cutler: detectron2 is not installed.\n{_CUTLER_HELP}"
+        )
     if not root or not (Path(root) / "config" / "cutler_config.py").is_file():
         raise MissingFileError(f"CutLER code not found at cutler_root={root!r}.\n{_CUTLER_HELP}")
     if not weights or not Path(weights).is_file():

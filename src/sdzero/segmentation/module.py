@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sdzero.errors import ConfigError
 from sdzero.evaluation import EvaluationModule
 from sdzero.segmentation.features import SDQueryExtractor, build_extractor
 from sdzero.segmentation.filters import ClipFilter, clip_filter_dtype
@@ -68,24 +69,30 @@ class OVDiffModule(EvaluationModule):
         """Where prototypes (and generated support sets) are cached."""
         if self.settings.prototype_cache == "run":
             if self.run_dir is None:
-                raise ValueError("method.prototype_cache=run needs a run folder; give a path")
+                raise ConfigError("method.prototype_cache=run needs a run folder; give a path")
             return self.run_dir / "prototypes"
         if self.settings.prototype_cache:
             return Path(self.settings.prototype_cache).expanduser()
         return default_cache_root()
 
-    def _support_source(self, sd: Any, support_root: str | Path | None) -> Any:
+    def support_folder(self, support_root: str | Path | None) -> Path | None:
+        """The folder of user support images (``method.support_folder``; ``auto``: the
+        datamodule's ``support_root``), checked; None when support sets are sampled with SD."""
         folder = self.settings.support_folder
         if folder == "auto":
             if support_root is None:
-                raise ValueError(
+                raise ConfigError(
                     "method.support_folder=auto takes the datamodule's support_root, and there is "
                     "none; give a folder of <class name>/*.png images or null (sample with SD)"
                 )
             folder = support_root
+        if folder is not None and not Path(folder).is_dir():
+            raise ConfigError(f"method.support_folder={str(folder)!r} is not a folder")
+        return None if folder is None else Path(folder)
+
+    def _support_source(self, sd: Any, support_root: str | Path | None) -> Any:
+        folder = self.support_folder(support_root)
         if folder is not None:
-            if not Path(folder).is_dir():
-                raise FileNotFoundError(f"method.support_folder={str(folder)!r} is not a folder")
             return FolderSupport(folder)
         return GeneratedSupport(
             sd,
@@ -135,6 +142,8 @@ class OVDiffModule(EvaluationModule):
         names = list(names)
         if not names:
             raise ValueError("no class names to build prototypes for")
+        self.cache_root()  # the user errors of these two keys come before any model loads
+        self.support_folder(support_root)
         sd, extractors = self._components()
         args = (extractors, self._support_source(sd, support_root), self.settings.mask_proposer)
         kwargs = {"cache": PrototypeCache(self.cache_root()), "kmeans_k": self.settings.kmeans_k}
@@ -212,7 +221,7 @@ class OVDiffModule(EvaluationModule):
             if not hasattr(datamodule, a)
         ]
         if missing:
-            raise TypeError(
+            raise ConfigError(
                 f"OVDiff needs a segmentation datamodule; {type(datamodule).__name__} lacks {missing}"
             )
         self.class_names = list(datamodule.class_names)
