@@ -220,7 +220,11 @@ def test_bad_images_are_rejected(tiny_vit):
 
 
 def test_bad_arguments_are_rejected(tmp_path, tiny_vit):
-    with pytest.raises(ValueError, match=r"unknown ViT backbone 'dino'; expected one of"):
+    from sdzero.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"unknown ViT backbone 'dino' \(method\.extractors.*expected one of"
+    ):
         build_vit_extractor("dino", weights="random")
     with pytest.raises(ValueError, match=r"facet='query'"):
         ViTFeatureExtractor(tiny_vit.model, -1, facet="query")
