@@ -19,6 +19,24 @@ def test_info_lists_versions_backbones_and_experiments(capsys):
         assert name in out
 
 
+def test_config_prints_every_method_key_with_its_value(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from sdzero.correspondence.module import CorrespondenceSettings
+    from sdzero.settings import settings_defaults
+
+    args = ["config", "spair_ldm", f"data.root={tmp_path}", "method.steps=7"]
+    assert main(args) == 0
+    cfg = OmegaConf.create(capsys.readouterr().out)
+    expected = {**settings_defaults(CorrespondenceSettings), "steps": 7}
+    expected |= {"pck_threshold": "bbox-source", "pck_frame": "resized"}  # the experiment's
+    assert {k: v for k, v in OmegaConf.to_container(cfg.method).items() if k != "_target_"} == (
+        expected
+    )
+    assert main(["config", "spair_ldm", f"data.root={tmp_path}", "method.steps=abc"]) == 2
+    assert "method.steps must be an integer" in capsys.readouterr().err
+
+
 def test_match_prints_points_and_draws_lines(tmp_path, capsys):
     rng = np.random.default_rng(0)
     src = tmp_path / "src.png"

@@ -1,4 +1,4 @@
-"""The ``sdzero`` command: eval, demo, match, segment, prototypes build, info."""
+"""The ``sdzero`` command: eval, demo, config, match, segment, prototypes build, info."""
 
 from __future__ import annotations
 
@@ -44,6 +44,13 @@ def _demo(args: argparse.Namespace) -> int:
         cfg = compose(name, [f"output_dir={run_dir}", *args.overrides])
         metrics = run_eval(cfg)
         print(f"\n== {name} -> {run_dir}\n{format_metrics(metrics)}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    """Print the composed, validated config (every key with the value a run would use)."""
+    cfg = compose(args.experiment, args.overrides)
+    print(OmegaConf.to_yaml(cfg, resolve=True), end="")
     return 0
 
 
@@ -113,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to both demos")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("config", help="print the composed, validated config and stop")
+    p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
+    p.set_defaults(func=_config)
 
     p = sub.add_parser("info", help="versions, devices, backbones, datasets")
     p.set_defaults(func=_info)
