@@ -80,7 +80,7 @@ def _load_option(group: str, option: str, chain: tuple[str, ...] = ()) -> DictCo
     path = _group_file(group, option)
     cfg = _load_yaml(path)
     parents = cfg.pop("defaults", [])
-    if not isinstance(parents, ListConfig) and parents != []:
+    if not isinstance(parents, ListConfig | list):
         raise ConfigError(f"{path}: 'defaults' must be a list of {group} options to inherit")
     bases = [_load_option(group, str(p), (*chain, option)) for p in parents]
     merged = OmegaConf.merge(*bases, cfg) if bases else cfg
@@ -220,7 +220,7 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
     OmegaConf.resolve(cfg)
     OmegaConf.set_struct(cfg, True)
     for group in GROUPS:  # settings are checked now, before any dataset file is read
-        cls = settings_class(cfg[group]) if "_target_" in cfg[group] else None
+        cls = settings_class(cfg[group])
         if cls is not None:
             from sdzero.settings import build_settings
 

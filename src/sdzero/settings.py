@@ -10,13 +10,12 @@ error. Validation that depends on several values lives in the dataclass's ``__po
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from sdzero.config import ConfigError
+from sdzero.config import ConfigError, _did_you_mean
 
 T = TypeVar("T")
 
@@ -30,7 +29,8 @@ def _plain(value: Any) -> Any:
 
 def settings_defaults(cls: type) -> dict[str, Any]:
     """Every field of a settings dataclass with its default, as plain YAML-able values."""
-    return {f.name: _plain(getattr(cls(), f.name)) for f in dataclasses.fields(cls) if f.init}
+    default = cls()
+    return {f.name: _plain(getattr(default, f.name)) for f in dataclasses.fields(cls) if f.init}
 
 
 def _describe(hint: Any) -> str:
@@ -87,8 +87,7 @@ def build_settings(cls: type[T], values: Mapping[str, Any], key: str = "method")
     kwargs = {}
     for name, value in values.items():
         if name not in names:
-            close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-            hint = f" Did you mean: {', '.join(f'{key}.{c}' for c in close)}?" if close else ""
+            hint = _did_you_mean(name, names, f"{key}.")
             raise ConfigError(f"unknown config key {key}.{name}.{hint}")
         got = _coerce(value, hints[name])
         if got is _NO:

@@ -83,7 +83,6 @@ class PromptCorrespondenceModule(EvaluationModule):
         self.fit_cfg = build_settings(CorrespondenceSettings, settings)
         self.backbone_dtype = as_dtype(backbone.get("dtype", "float32"), "backbone.dtype")
         self.backbone_cfg = dict(backbone)
-        self.resize = self.fit_cfg.resize
         self.seed = int(seed)
         self.task = CorrespondenceTask(self.fit_cfg.scoring())
         self.sd = None
@@ -103,8 +102,9 @@ class PromptCorrespondenceModule(EvaluationModule):
         """Predicted target points ``(N, 2)`` in ORIGINAL target pixels for source points ``(N, 2)``
         in original source pixels; images are ``(3, H, W)`` uint8."""
         size = self.fit_cfg.image_size
-        src_frame = ModelFrame(int(src_img.shape[2]), int(src_img.shape[1]), size, self.resize)
-        trg_frame = ModelFrame(int(trg_img.shape[2]), int(trg_img.shape[1]), size, self.resize)
+        resize = self.fit_cfg.resize
+        src_frame = ModelFrame(int(src_img.shape[2]), int(src_img.shape[1]), size, resize)
+        trg_frame = ModelFrame(int(trg_img.shape[2]), int(trg_img.shape[1]), size, resize)
         check_query_points(src_kps, src_frame.w, src_frame.h)
         pred = self.method.match(
             src_frame.image(src_img).to(self.device),
