@@ -175,6 +175,11 @@ class KeypointPairDataset(Dataset):
     def _load_pairs(self) -> list[KeypointPair]:
         raise NotImplementedError
 
+    @property
+    def category_names(self) -> list[str]:
+        """The categories of the split's pairs, sorted (the per-category rows of PCK)."""
+        return sorted({pair.category for pair in self.pairs})
+
     def __len__(self) -> int:
         return len(self.pairs)
 
@@ -316,6 +321,13 @@ class BenchmarkDataModule(pl.LightningDataModule):
     def dataset_name(self) -> str:
         self.setup()
         return self._full.name
+
+    @property
+    def category_names(self) -> list[str]:
+        """Keypoint-pair benchmarks: the sorted categories of the whole split (before ``limit``),
+        the same on every rank."""
+        self.setup()
+        return list(self._full.category_names)
 
     def test_dataloader(self) -> DataLoader:
         """Batch size 1, fixed order. Under torch.distributed each rank gets a disjoint share and no
