@@ -13,129 +13,19 @@ under ``configs/data/``; everything else (limit, loaders, errors, collation) liv
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from sdzero.errors import ConfigError, UserError
-
-
-class DatasetFormatError(UserError, ValueError):
-    """A dataset file is missing or malformed; the message names the file and what was expected."""
-
-
-class DatasetNotFoundError(UserError, FileNotFoundError):
-    """The dataset's top folder could not be found under ``data.root``."""
-
-
-# --------------------------------------------------------------------------------------- files
-
-
-def find_dataset_root(root: str | Path, markers: Sequence[str], layout: str, name: str) -> Path:
-    """Return the folder under ``root`` (itself, or up to two levels down) holding every marker path.
-
-    :param root: what the user gave as ``data.root``.
-    :param markers: relative paths that must all exist in the dataset's top folder.
-    :param layout: a short drawing of the expected layout, shown when nothing is found.
-    :param name: the dataset's name for the message.
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DatasetNotFoundError(
-            f"{name}: data.root={str(root)!r} is not a folder. Expected the unpacked official "
-            f"dataset, laid out as:\n{layout}"
-        )
-    candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())]
-    candidates += sorted(p for c in candidates[1:] for p in c.iterdir() if p.is_dir())
-    for cand in candidates:
-        if all((cand / m).exists() for m in markers):
-            return cand
-    raise DatasetNotFoundError(
-        f"{name}: no folder under {str(root)!r} (searched it and two levels below) holds "
-        f"{', '.join(markers)}. Expected the unpacked official dataset, laid out as:\n{layout}"
-    )
-
-
-def _open_image(path: Path, what: str) -> Image.Image:
-    """The decoded image file; :class:`DatasetFormatError` naming it if it is missing, not an
-    image, or truncated. ``what`` names the file's role in the message (``image``, ``label``)."""
-    if not path.is_file():
-        raise DatasetFormatError(f"{what} file {str(path)!r} does not exist")
-    img = None
-    try:
-        img = Image.open(path)
-        img.load()
-    except OSError as err:  # PIL's UnidentifiedImageError and truncated data are OSErrors
-        if img is not None:
-            img.close()
-        raise DatasetFormatError(
-            f"{what} file {str(path)!r} cannot be read as an image ({err}); expected a PNG or JPEG"
-        ) from err
-    return img
-
-
-def load_rgb(path: str | Path) -> torch.Tensor:
-    """Read an image file as ``(3, H, W)`` uint8 RGB in the original pixel grid.
-
-    Grey, palette, CMYK and RGBA files are converted to RGB (several benchmarks contain a few);
-    modes that hold no displayable colour (16-bit, float) raise :class:`DatasetFormatError`.
-    """
-    with _open_image(Path(path), "image") as img:
-        if img.mode not in {"RGB", "L", "P", "CMYK", "RGBA", "LA", "YCbCr"}:
-            raise DatasetFormatError(
-                f"image {str(path)!r} has mode {img.mode!r}; expected an 8-bit colour or grey image"
-            )
-        arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def load_label(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read a label PNG of class indices as ``(H, W)`` int64.
-
-    The file must be single-channel (``L`` or palette ``P``; the palette index is the class). ``size``
-    is the expected ``(w, h)``: the image's size, so a label of another size is an error.
-    """
-    path = Path(path)
-    with _open_image(path, "label") as img:
-        if img.mode not in {"L", "P"}:
-            raise DatasetFormatError(
-                f"label {str(path)!r} has mode {img.mode!r}; expected a single-channel PNG of class "
-                "indices (mode 'L' or 'P')"
-            )
-        if size is not None and img.size != tuple(size):
-            raise DatasetFormatError(
-                f"label {str(path)!r} is {img.size[0]}x{img.size[1]} (w x h) but its image is "
-                f"{size[0]}x{size[1]}"
-            )
-        arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.astype(np.int64))
-
-
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise DatasetFormatError(f"annotation file {str(path)!r} does not exist") from err
-    except json.JSONDecodeError as err:
-        raise DatasetFormatError(f"annotation file {str(path)!r} is not valid JSON: {err}") from err
-
-
-def require(record: dict, field: str, path: str | Path) -> Any:
-    """``record[field]``, or a :class:`DatasetFormatError` naming the file and the missing field."""
-    if field not in record:
-        raise DatasetFormatError(f"{str(path)!r} has no field {field!r}")
-    return record[field]
-
+from datamodules.files import DatasetFormatError, load_label, load_rgb
+from datamodules.labels import LabelSpace
+from sdzero.errors import ConfigError
 
 # --------------------------------------------------------------------------------------- pairs
 
@@ -352,93 +242,6 @@ class BenchmarkDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=unwrap_single,
         )
-
-
-# ------------------------------------------------------------------ segmentation labels
-
-
-# OVDiff's renames of dataset labels into words a text encoder knows (its ``mmdata.py``): the VOC
-# renames, then its prompt overlay (on by default for support prompts, attribution tokens and the
-# CLIP filter), of which only "keyboard" occurs in these label spaces.
-PROMPT_RENAMES = {
-    "aeroplane": "airplane",
-    "diningtable": "table",
-    "tvmonitor": "monitor",
-    "pottedplant": "potted plant",
-    "keyboard": "computer keyboard",
-}
-# COCO-Stuff tags catch-all and disambiguated labels ("sky-other", "desk-stuff"); the tag means
-# nothing to a text encoder.
-_LABEL_TAGS = ("-other", "-stuff")
-
-
-def prompt_name(name: str) -> str:
-    """The words used to prompt SD/CLIP for the dataset label ``name`` (official renames applied)."""
-    name = PROMPT_RENAMES.get(name, name)
-    for tag in _LABEL_TAGS:
-        name = name.removesuffix(tag)
-    return name.replace("-", " ")
-
-
-def read_class_names(file_name: str) -> list[str]:
-    """Class names shipped in ``datamodules/classnames/<file_name>``: line ``i`` names label value ``i``."""
-    text = (resources.files("datamodules") / "classnames" / file_name).read_text()
-    names = [line.strip() for line in text.splitlines()]
-    if not names or any(not n for n in names):
-        raise DatasetFormatError(f"class-name file {file_name!r} has an empty line or no names")
-    return names
-
-
-@dataclass(frozen=True)
-class LabelSpace:
-    """What the values of a benchmark's label maps mean.
-
-    ``class_names[i]`` is the dataset's name of label value ``i``; ``ignore_index`` marks void pixels;
-    ``background_index`` is the catch-all class (0) or ``None``; ``stuff`` holds the class indices
-    treated as stuff (amorphous regions: never filtered out by the segmentation method's CLIP filter).
-    """
-
-    class_names: tuple[str, ...]
-    ignore_index: int = 255
-    background_index: int | None = None
-    stuff: frozenset[int] = frozenset()
-
-    def __post_init__(self) -> None:
-        n = len(self.class_names)
-        if len(set(self.class_names)) != n:
-            raise ValueError(f"class names must be distinct, got {self.class_names}")
-        if 0 <= self.ignore_index < n:
-            raise ValueError(f"ignore_index {self.ignore_index} collides with a class index")
-        indices = set(self.stuff) | ({self.background_index} - {None})
-        if any(not 0 <= i < n for i in indices):
-            raise ValueError(f"background/stuff indices {sorted(indices)} must lie in [0, {n})")
-
-    @classmethod
-    def with_background(cls, names: Sequence[str], stuff_names: Sequence[str] = ()) -> LabelSpace:
-        """Class 0 is background and counts as stuff, together with the classes ``stuff_names``."""
-        unknown = [s for s in stuff_names if s not in names]
-        if unknown:
-            raise ValueError(f"stuff classes {unknown} are not among the class names")
-        stuff = frozenset({0, *(list(names).index(s) for s in stuff_names)})
-        return cls(tuple(names), background_index=0, stuff=stuff)
-
-    @property
-    def prompt_names(self) -> tuple[str, ...]:
-        return tuple(prompt_name(n) for n in self.class_names)
-
-    def without_background(self) -> LabelSpace:
-        """The space after :func:`reduce_zero_label`: class 0 dropped, the others shifted down by one."""
-        if self.background_index != 0:
-            raise ValueError("only a label space whose class 0 is background can drop it")
-        stuff = frozenset(i - 1 for i in self.stuff if i != 0)
-        return LabelSpace(self.class_names[1:], self.ignore_index, None, stuff)
-
-
-def reduce_zero_label(label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """mmseg's ``reduce_zero_label`` on an ``(H, W)`` int64 map: 0 -> ignored, others - 1."""
-    out = label - 1
-    out[(label == 0) | (label == ignore_index)] = ignore_index
-    return out
 
 
 def check_files_exist(items: Sequence[SegmentationItem], source: str | Path) -> None:

@@ -28,13 +28,12 @@ import torch
 
 from datamodules.base import (
     LabeledSegmentationDataset,
-    LabelSpace,
     SegmentationDataModule,
     SegmentationItem,
     check_files_exist,
-    find_dataset_root,
-    read_class_names,
 )
+from datamodules.files import find_dataset_root
+from datamodules.labels import LabelSpace, read_class_names
 
 COCO_LAYOUT = """\
 coco_stuff164k/

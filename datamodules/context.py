@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from datamodules.base import LabelSpace, read_class_names
+from datamodules.labels import LabelSpace, read_class_names
 from datamodules.voc import VOCDataModule, VOCDataset
 
 CONTEXT_LAYOUT = """\

@@ -26,13 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.base import (
-    BenchmarkDataModule,
-    DatasetFormatError,
-    KeypointPair,
-    KeypointPairDataset,
-    find_dataset_root,
-)
+from datamodules.base import BenchmarkDataModule, KeypointPair, KeypointPairDataset
+from datamodules.files import DatasetFormatError, find_dataset_root
 from sdzero.errors import ConfigError
 
 PROTOCOLS = ("hedlin", "sampled")

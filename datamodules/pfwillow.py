@@ -14,14 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.base import (
-    BenchmarkDataModule,
-    DatasetFormatError,
-    DatasetNotFoundError,
-    KeypointPair,
-    KeypointPairDataset,
-    find_dataset_root,
-)
+from datamodules.base import BenchmarkDataModule, KeypointPair, KeypointPairDataset
+from datamodules.files import DatasetFormatError, DatasetNotFoundError, find_dataset_root
 
 PAIR_FILES = ("test_pairs.csv", "test_pairs_pf.csv")
 NUM_KPS = 10

@@ -14,15 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.base import (
-    BenchmarkDataModule,
-    DatasetFormatError,
-    KeypointPair,
-    KeypointPairDataset,
-    find_dataset_root,
-    read_json,
-    require,
-)
+from datamodules.base import BenchmarkDataModule, KeypointPair, KeypointPairDataset
+from datamodules.files import DatasetFormatError, find_dataset_root, read_json, require
 from sdzero.errors import ConfigError
 
 SPLITS = ("trn", "val", "test")

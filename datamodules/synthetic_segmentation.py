@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.base import LabelSpace, SegmentationDataModule
+from datamodules.base import SegmentationDataModule
+from datamodules.labels import LabelSpace
 from datamodules.voc import VOCDataset
 
 MARKER = "sdzero_synthetic.json"

@@ -24,16 +24,13 @@ from pathlib import Path
 import torch
 
 from datamodules.base import (
-    DatasetFormatError,
     LabeledSegmentationDataset,
-    LabelSpace,
     SegmentationDataModule,
     SegmentationItem,
     check_files_exist,
-    find_dataset_root,
-    read_class_names,
-    reduce_zero_label,
 )
+from datamodules.files import DatasetFormatError, find_dataset_root
+from datamodules.labels import LabelSpace, read_class_names, reduce_zero_label
 
 
 def find_year_folder(

@@ -224,7 +224,7 @@ def test_the_command_exits_2_with_one_line_and_no_traceback(image):
 
 
 def test_every_user_error_derives_from_one_class():
-    from datamodules.base import DatasetFormatError, DatasetNotFoundError
+    from datamodules.files import DatasetFormatError, DatasetNotFoundError
     from sdzero.backbones.errors import WeightsFormatError, WeightsNotFoundError
     from sdzero.config import ConfigError
     from sdzero.errors import InputError, MissingDependencyError, MissingFileError, UserError

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import datamodules.synthetic_correspondence as synth
-from datamodules.base import DatasetFormatError, DatasetNotFoundError
 from datamodules.cub import CUBDataModule, CUBDataset
+from datamodules.files import DatasetFormatError, DatasetNotFoundError
 from datamodules.pfwillow import PFWillowDataModule, PFWillowDataset
 from datamodules.spair import SPairDataModule, SPairDataset
 from datamodules.synthetic_correspondence import (

@@ -19,7 +19,6 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from datamodules.base import DatasetFormatError, DatasetNotFoundError
 from datamodules.coco import (
     COCOObjectDataModule,
     COCOStuffDataModule,
@@ -27,6 +26,7 @@ from datamodules.coco import (
     stuff_lookup,
 )
 from datamodules.context import ContextDataModule
+from datamodules.files import DatasetFormatError, DatasetNotFoundError
 from datamodules.synthetic_segmentation import (
     CATALOGUE,
     SyntheticSegmentationDataModule,

@@ -28,7 +28,7 @@ def match_images(
     backbone and method of ``configs/eval.yaml``. Returns ``(src_img, trg_img, pred (N, 2))`` with the
     predictions in target pixels.
     """
-    from datamodules.base import load_rgb
+    from datamodules.files import load_rgb
     from sdzero.config import compose
     from sdzero.correspondence.module import check_query_points
     from sdzero.runs import build_method

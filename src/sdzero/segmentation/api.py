@@ -84,7 +84,7 @@ def segment_file(
     :param explain: write the explanation PNG of ``pixel`` ``(x, y)`` (original pixels) there.
     :returns: a JSON-able summary: classes, kept classes, pixel share per class, explanation.
     """
-    from datamodules.base import load_rgb
+    from datamodules.files import load_rgb
 
     names = check_classes(classes)
     if explain is not None and pixel is None:
