@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.base import BenchmarkDataModule, KeypointPair, KeypointPairDataset
+from datamodules.base import KeypointPair, KeypointPairDataset
 from datamodules.files import DatasetFormatError, find_dataset_root
+from datamodules.training import TrainableDataModule
 from sdzero.errors import ConfigError
 
 PROTOCOLS = ("hedlin", "sampled")
@@ -237,11 +238,12 @@ class CUBDataset(KeypointPairDataset):
         return out
 
 
-class CUBDataModule(BenchmarkDataModule):
+class CUBDataModule(TrainableDataModule):
     """CUB-200-2011 pairs (``data.root`` = ``CUB_200_2011/`` or a folder containing it).
 
     :param protocol: ``hedlin`` (default, the official code) or ``sampled``.
-    :param split: ``test`` (default) or ``train``.
+    :param split: the evaluated split, ``test`` (default) or ``train``; ``train_split`` (``train``)
+        is the one ``sdzero train`` uses; CUB has no validation split.
     :param num_classes: classes with id <= this; ``None`` = 3 for ``hedlin``, all for ``sampled``.
     :param num_pairs: pairs drawn by ``sampled`` (``None`` = 1000); ``None`` for ``hedlin``.
     :param seed: seed of the ``sampled`` draw.
@@ -257,8 +259,20 @@ class CUBDataModule(BenchmarkDataModule):
         seed: int = 0,
         limit: int | None = None,
         num_workers: int = 0,
+        train_split: str | None = None,
+        val_split: str | None = None,
+        batch_size: int = 8,
+        train_limit: int | None = None,
     ) -> None:
-        super().__init__(root, limit=limit, num_workers=num_workers)
+        super().__init__(
+            root,
+            limit=limit,
+            num_workers=num_workers,
+            train_split=train_split,
+            val_split=val_split,
+            batch_size=batch_size,
+            train_limit=train_limit,
+        )
         self.protocol = protocol
         self.split = split
         self.num_classes = num_classes
@@ -266,10 +280,13 @@ class CUBDataModule(BenchmarkDataModule):
         self.seed = seed
 
     def build_dataset(self) -> CUBDataset:
+        return self.build_split(self.split)
+
+    def build_split(self, split: str) -> CUBDataset:
         return CUBDataset(
             self.root,
             protocol=self.protocol,
-            split=self.split,
+            split=split,
             num_classes=self.num_classes,
             num_pairs=self.num_pairs,
             seed=self.seed,

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.base import BenchmarkDataModule, KeypointPair, KeypointPairDataset
+from datamodules.base import KeypointPair, KeypointPairDataset
 from datamodules.files import DatasetFormatError, find_dataset_root, read_json, require
+from datamodules.training import TrainableDataModule
 from sdzero.errors import ConfigError
 
 SPLITS = ("trn", "val", "test")
@@ -148,10 +149,11 @@ class SPairDataset(KeypointPairDataset):
         )
 
 
-class SPairDataModule(BenchmarkDataModule):
+class SPairDataModule(TrainableDataModule):
     """SPair-71k (``data.root`` = ``SPair-71k/`` or a folder containing it).
 
-    :param split: ``test`` (default), ``val`` or ``trn``.
+    :param split: the evaluated split: ``test`` (default), ``val`` or ``trn``; ``train_split`` /
+        ``val_split`` are those ``sdzero train`` uses (see :class:`TrainableDataModule`).
     :param category: ``None`` (all), a category name, or a list of names.
     """
 
@@ -162,10 +164,25 @@ class SPairDataModule(BenchmarkDataModule):
         category: str | Sequence[str] | None = None,
         limit: int | None = None,
         num_workers: int = 0,
+        train_split: str | None = None,
+        val_split: str | None = None,
+        batch_size: int = 8,
+        train_limit: int | None = None,
     ) -> None:
-        super().__init__(root, limit=limit, num_workers=num_workers)
+        super().__init__(
+            root,
+            limit=limit,
+            num_workers=num_workers,
+            train_split=train_split,
+            val_split=val_split,
+            batch_size=batch_size,
+            train_limit=train_limit,
+        )
         self.split = split
         self.category = category
 
     def build_dataset(self) -> SPairDataset:
-        return SPairDataset(self.root, split=self.split, category=self.category)
+        return self.build_split(self.split)
+
+    def build_split(self, split: str) -> SPairDataset:
+        return SPairDataset(self.root, split=split, category=self.category)

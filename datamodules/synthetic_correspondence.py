@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.base import BenchmarkDataModule
 from datamodules.spair import SPairDataset
+from datamodules.training import TrainableDataModule
 
 KINDS = ("transform", "shift", "identical")
 CATEGORIES = ("discs", "squares")
@@ -147,19 +147,27 @@ def _image_annotation(
     }
 
 
+SPLIT_STREAMS = {"test": (), "trn": (1,), "val": (2,)}
+"""Extra words of each split's random stream (test pairs keep the stream ``(seed, i)``)."""
+
+
 def write_synthetic_spair(
     root: str | Path,
     num_pairs: int = 4,
     image_size: int = 128,
     seed: int = 0,
     kind: str = "transform",
+    num_train_pairs: int = 0,
+    num_val_pairs: int = 0,
 ) -> Path:
-    """Write ``num_pairs`` test pairs in the SPair-71k layout under ``root`` and return ``root``.
+    """Write ``num_pairs`` test pairs (and training/validation pairs) in the SPair-71k layout
+    under ``root`` and return ``root``.
 
     Writes ``JPEGImages/<cat>/*.jpg``, ``ImageAnnotation/<cat>/*.json``,
-    ``PairAnnotation/test/*.json`` (every official field) and ``Layout/large/test.txt``. Pair ``i``
-    depends only on ``(seed, i)``, so a smaller ``num_pairs`` writes a prefix of a larger one.
-    ``root`` must be empty or absent.
+    ``PairAnnotation/<split>/*.json`` (every official field) and ``Layout/large/<split>.txt`` for
+    ``test`` and, when asked for, ``trn`` and ``val``. Pair ``i`` of a split depends only on
+    ``(seed, i)`` and the split, so a smaller count writes a prefix of a larger one, and the three
+    splits hold different pairs. ``root`` must be empty or absent.
 
     :param kind: ``"transform"``, ``"shift"`` or ``"identical"`` (see the module docstring).
     :param image_size: side ``S`` of the square source (and shift/identical target), multiple of 64.
@@ -168,11 +176,22 @@ def write_synthetic_spair(
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"write_synthetic_spair: {str(root)!r} is not empty")
-    (root / "PairAnnotation" / "test").mkdir(parents=True)
     (root / "Layout" / "large").mkdir(parents=True)
+    counts = {"test": int(num_pairs), "trn": int(num_train_pairs), "val": int(num_val_pairs)}
+    for number, (split, count) in enumerate(counts.items()):
+        if count or split == "test":
+            _write_split(root, split, count, 2000 + number, image_size, seed, kind)
+    return root
+
+
+def _write_split(
+    root: Path, split: str, count: int, prefix: int, image_size: int, seed: int, kind: str
+) -> None:
+    """``count`` pairs of one split; image names start with ``prefix`` (unique per split)."""
+    (root / "PairAnnotation" / split).mkdir(parents=True)
     names = []
-    for i in range(int(num_pairs)):
-        rng = np.random.default_rng([seed, i])
+    for i in range(count):
+        rng = np.random.default_rng([seed, i, *SPLIT_STREAMS[split]])
         category = CATEGORIES[i % len(CATEGORIES)]
         slots, parts, radius = _object_layout(rng, image_size)
         extent = float(parts.max())
@@ -202,7 +221,7 @@ def write_synthetic_spair(
         else:
             trg_size, trg_radius, trg_kps, trg_bytes = src_size, radius, src_kps, src_bytes
 
-        src_name, trg_name = f"2000_{2 * i:06d}", f"2000_{2 * i + 1:06d}"
+        src_name, trg_name = f"{prefix}_{2 * i:06d}", f"{prefix}_{2 * i + 1:06d}"
         pair_name = f"{i + 1:06d}-{src_name}-{trg_name}:{category}"
         names.append(pair_name)
         src_box, trg_box = _bbox(src_kps, radius, src_size), _bbox(trg_kps, trg_radius, trg_size)
@@ -239,9 +258,8 @@ def write_synthetic_spair(
             "truncation": 0,
             "occlusion": 0,
         }
-        (root / "PairAnnotation" / "test" / f"{pair_name}.json").write_text(json.dumps(pair))
-    (root / "Layout" / "large" / "test.txt").write_text("".join(f"{n}\n" for n in names))
-    return root
+        (root / "PairAnnotation" / split / f"{pair_name}.json").write_text(json.dumps(pair))
+    (root / "Layout" / "large" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
 
 
 class SyntheticSPairDataset(SPairDataset):
@@ -250,7 +268,7 @@ class SyntheticSPairDataset(SPairDataset):
     name = "synthetic-spair"
 
 
-class SyntheticCorrespondenceDataModule(BenchmarkDataModule):
+class SyntheticCorrespondenceDataModule(TrainableDataModule):
     """Writes synthetic SPair-layout pairs in ``setup`` and reads them with the SPair-71k loader.
 
     The data go to ``root/synthetic-spair-v<version>-<kind>-n<pairs>-px<size>-seed<seed>/`` (a fresh
@@ -259,7 +277,10 @@ class SyntheticCorrespondenceDataModule(BenchmarkDataModule):
     concurrent processes never see a half-written dataset.
 
     :param root: where the dataset folder goes; ``None`` = a temporary folder.
-    :param num_pairs: pairs to write.
+    :param num_pairs: test pairs to write.
+    :param num_train_pairs, num_val_pairs: ``trn`` / ``val`` pairs to write (for ``sdzero train``;
+        ``train_split``, ``val_split``, ``batch_size``, ``train_limit``: see
+        :class:`~datamodules.training.TrainableDataModule`).
     :param kind: ``transform``, ``shift`` or ``identical`` (see the module docstring).
     :param image_size: source side in pixels (a multiple of 64).
     :param seed: generator seed.
@@ -274,9 +295,24 @@ class SyntheticCorrespondenceDataModule(BenchmarkDataModule):
         seed: int = 0,
         limit: int | None = None,
         num_workers: int = 0,
+        num_train_pairs: int = 0,
+        num_val_pairs: int = 0,
+        train_split: str | None = "trn",
+        val_split: str | None = "val",
+        batch_size: int = 8,
+        train_limit: int | None = None,
     ) -> None:
         _check_args(num_pairs, image_size, kind)
-        super().__init__(root, limit=limit, num_workers=num_workers)
+        super().__init__(
+            root,
+            limit=limit,
+            num_workers=num_workers,
+            train_split=train_split,
+            val_split=val_split,
+            batch_size=batch_size,
+            train_limit=train_limit,
+        )
+        self.counts = (int(num_pairs), int(num_train_pairs), int(num_val_pairs))
         self.num_pairs = int(num_pairs)
         self.kind = kind
         self.image_size = int(image_size)
@@ -284,25 +320,32 @@ class SyntheticCorrespondenceDataModule(BenchmarkDataModule):
         self.data_dir: Path | None = None
 
     def build_dataset(self) -> SyntheticSPairDataset:
-        return SyntheticSPairDataset(self._materialise(), split="test")
+        return self.build_split("test")
+
+    def build_split(self, split: str) -> SyntheticSPairDataset:
+        return SyntheticSPairDataset(self._materialise(), split=split)
 
     def _materialise(self) -> Path:
         """The folder holding the written dataset, writing it first if absent."""
+        if self.data_dir is not None:
+            return self.data_dir
         if self.root is None:
             base = Path(tempfile.mkdtemp(prefix="sdzero-synthetic-"))
             weakref.finalize(self, shutil.rmtree, base, ignore_errors=True)
         else:
             base = Path(self.root).expanduser()
             base.mkdir(parents=True, exist_ok=True)
+        tests, trains, vals = self.counts
+        splits = f"-trn{trains}-val{vals}" if trains or vals else ""
         final = base / (
-            f"synthetic-spair-v{GENERATOR_VERSION}-{self.kind}-n{self.num_pairs}"
+            f"synthetic-spair-v{GENERATOR_VERSION}-{self.kind}-n{tests}{splits}"
             f"-px{self.image_size}-seed{self.seed}"
         )
         if not final.is_dir():
             staging = Path(tempfile.mkdtemp(dir=base, prefix=f".{final.name}."))
             try:
                 write_synthetic_spair(
-                    staging, self.num_pairs, self.image_size, self.seed, self.kind
+                    staging, tests, self.image_size, self.seed, self.kind, trains, vals
                 )
                 try:
                     os.rename(staging, final)

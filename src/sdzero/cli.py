@@ -1,4 +1,4 @@
-"""The ``sdzero`` command: eval, demo, config, match, segment, prototypes build, info."""
+"""The ``sdzero`` command: eval, train, demo, config, match, segment, prototypes build, info."""
 
 from __future__ import annotations
 
@@ -26,6 +26,18 @@ def _eval(args: argparse.Namespace) -> int:
 
     cfg = compose(args.experiment, args.overrides)
     metrics = run_eval(cfg)
+    if rank_zero_only.rank == 0:
+        print(format_metrics(metrics))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    from sdzero.runs import format_metrics, run_train
+
+    cfg = compose(args.experiment, args.overrides)
+    metrics = run_train(cfg)
     if rank_zero_only.rank == 0:
         print(format_metrics(metrics))
     return 0
@@ -115,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("train", help="fit a trainable method, then evaluate its best checkpoint")
+    p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("demo", help="run the demo experiments on synthetic data (CPU, no download)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from sdzero.config import ConfigError, instantiate, save_config
+from sdzero.callbacks import TaskMetrics, evaluation_callbacks
+from sdzero.config import ConfigError, _import, instantiate, save_config
 
 log = logging.getLogger(__name__)
 
+FINISHED_WORK = ("predictions/*.jsonl", "checkpoints/*.ckpt")
+"""What a fresh run refuses to find in its folder (it belongs to a run to resume)."""
 RUN_DIR_ENV = (
     "SDZERO_RUN_DIR"  # shared by DDP ranks re-launched by Lightning (they inherit the env)
 )
@@ -49,11 +53,11 @@ def make_run_dir(cfg: DictConfig) -> Path:
     if (
         not cfg.resume
         and not os.environ.get(RUN_DIR_ENV)
-        and any(run_dir.glob("predictions/*.jsonl"))
+        and any(p for pattern in FINISHED_WORK for p in run_dir.glob(pattern))
     ):
         raise ConfigError(
-            f"output_dir={str(run_dir)!r} already holds prediction records; continue that run with "
-            f"resume={run_dir} or choose another output_dir"
+            f"output_dir={str(run_dir)!r} already holds prediction records or checkpoints; "
+            f"continue that run with resume={run_dir} or choose another output_dir"
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +112,11 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     if kind == "csv":
         from pytorch_lightning.loggers import CSVLogger
 
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        # a resumed run logs beside the earlier part (CSVLogger would overwrite its file)
+        version, k = "", 1
+        while (run_dir / "csv" / version / "metrics.csv").is_file():
+            version, k = f"resumed-{k}", k + 1
+        return CSVLogger(save_dir=str(run_dir), name="csv", version=version)
     if kind == "wandb":
         from pytorch_lightning.loggers import WandbLogger
 
@@ -146,30 +154,52 @@ def log_folder_artifact(logger: Any, folder: Path, kind: str) -> None:
 
 def build_method(cfg: DictConfig, **extra: Any) -> pl.LightningModule:
     """The method module of a composed config, given its backbone group and the run seed;
-    ``extra`` sets further constructor arguments (``run_dir``, or ``method.*`` keys)."""
+    ``extra`` sets further ``method.*`` keys."""
     return instantiate(
         cfg.method, key="method", backbone=_plain(cfg.backbone), seed=int(cfg.seed), **extra
     )
 
 
-def build_trainer(cfg: DictConfig, logger: Any) -> pl.Trainer:
-    """A Trainer for evaluation: ``inference_mode=False`` so methods may optimise in ``test_step``."""
+def build_trainer(
+    cfg: DictConfig, logger: Any, callbacks: list[pl.Callback], **fixed: Any
+) -> pl.Trainer:
+    """A Trainer from the ``trainer`` group, working in the run folder. For evaluation (the
+    default ``fixed``) ``inference_mode=False`` lets methods optimise in ``test_step``, and the
+    datamodules shard the test split themselves (no sample repeated to even out the ranks)."""
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    kwargs = _plain(cfg.trainer)
+    fixed = {
+        "inference_mode": False,
+        "enable_checkpointing": False,
+        "use_distributed_sampler": False,
+        "enable_model_summary": False,
+        **fixed,
+    }
     try:
         return pl.Trainer(
-            **kwargs,
+            **_plain(cfg.trainer),
+            **fixed,
             logger=logger,
-            inference_mode=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,  # the datamodules shard without repeating samples
+            callbacks=callbacks,
             default_root_dir=os.environ[RUN_DIR_ENV],
         )
     except (MisconfigurationException, TypeError, ValueError) as err:
         # the constructor only checks its arguments, and all but the fixed ones are trainer.* keys
         raise ConfigError(f"trainer: {err}") from err
+
+
+def evaluate(
+    cfg: DictConfig, module: pl.LightningModule, datamodule: Any, run_dir: Path, logger: Any
+) -> dict[str, Any]:
+    """``trainer.test`` of ``module`` with the run folder's callbacks; the ``metrics.json`` object."""
+    callbacks = evaluation_callbacks(run_dir, cfg.visuals)
+    trainer = build_trainer(cfg, logger, callbacks)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    scorer = next(c for c in callbacks if isinstance(c, TaskMetrics))
+    wandb_rank0 = logger and cfg.logger.kind == "wandb" and trainer.global_rank == 0
+    if wandb_rank0 and cfg.logger.artifacts and hasattr(module, "cache_root"):
+        log_folder_artifact(logger, module.cache_root(), "prototypes")
+    return scorer.metrics
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
@@ -181,20 +211,96 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         save_config(cfg, run_dir / "config.yaml")
         datamodule = instantiate(cfg.data, key="data")
         datamodule.setup("test")  # reads and validates the annotation files before any model
-        module = build_method(cfg, run_dir=str(run_dir), visuals=cfg.visuals)
+        module = build_method(cfg)
         logger = build_logger(cfg, run_dir)
-        trainer = build_trainer(cfg, logger)
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        if logger and cfg.logger.kind == "wandb" and trainer.global_rank == 0:
-            if cfg.logger.artifacts and hasattr(module, "cache_root"):
-                log_folder_artifact(logger, module.cache_root(), "prototypes")
+        metrics = evaluate(cfg, module, datamodule, run_dir, logger)
+        if logger and cfg.logger.kind == "wandb" and rank_zero_only.rank == 0:
             logger.experiment.finish()
-        if module.final_metrics is not None:
-            return module.final_metrics
-        return json.loads((run_dir / "metrics.json").read_text())
+        return metrics
     finally:
         if not launched_by_parent:  # the next run in this process gets its own folder
             os.environ.pop(RUN_DIR_ENV, None)
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    """``fit`` the method on the datamodule's training split (validating on its val split),
+    checkpointing into ``checkpoints/`` (``last.ckpt`` and the best by the method's ``monitor``),
+    then evaluate the best checkpoint on the test split exactly as :func:`run_eval` does, into the
+    same run folder. ``resume=RUN_DIR`` continues from ``last.ckpt`` (and then the evaluation from
+    its records). Returns the ``metrics.json`` object."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.utilities.model_helpers import is_overridden
+
+    launched_by_parent = bool(os.environ.get(RUN_DIR_ENV))
+    try:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        run_dir = make_run_dir(cfg)
+        save_config(cfg, run_dir / "config.yaml")
+        method_class = _import(str(cfg.method._target_))
+        if not is_overridden("training_step", method_class, pl.LightningModule):
+            raise ConfigError(
+                f"method: {method_class.__name__} cannot be trained (it defines no "
+                "training_step); evaluate it with sdzero eval"
+            )
+        datamodule = instantiate(cfg.data, key="data")
+        if not hasattr(datamodule, "train_split"):
+            raise ConfigError(f"data: {type(datamodule).__name__} has no training split")
+        datamodule.setup("fit")  # reads every split's files before any model
+        module = build_method(cfg)
+        monitor, mode = getattr(module, "monitor", ("val/loss", "min"))
+        if datamodule.val_split is None:
+            monitor, mode = monitor.replace("val/", "train/"), mode
+        folder = run_dir / "checkpoints"
+        checkpoint = ModelCheckpoint(
+            dirpath=folder,
+            filename="best",
+            monitor=monitor,
+            mode=mode,
+            save_last=True,
+            save_top_k=1,
+        )
+        logger = build_logger(cfg, run_dir)
+        fixed = {"enable_checkpointing": True, "use_distributed_sampler": True}
+        trainer = build_trainer(cfg, logger, [checkpoint], **fixed)
+        last = folder / "last.ckpt"
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        best = trainer.strategy.broadcast(checkpoint.best_model_path or str(last))
+        if trainer.global_rank == 0:
+            retire_stale_evaluation(run_dir, Path(best))
+        trainer.strategy.barrier()
+        log.info("evaluating the best checkpoint %s", best)
+        module = build_method(cfg, checkpoint=str(best))
+        metrics = evaluate(cfg, module, datamodule, run_dir, logger)
+        if logger and cfg.logger.kind == "wandb" and rank_zero_only.rank == 0:
+            logger.experiment.finish()
+        return metrics
+    finally:
+        if not launched_by_parent:
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+def retire_stale_evaluation(run_dir: Path, checkpoint: Path) -> None:
+    """Before the evaluation of ``checkpoint``: records and ``metrics.json`` of an earlier
+    evaluation of *other* weights (training continued and found a better checkpoint) move to
+    ``stale/<sha256 prefix>/`` so the new evaluation does not reuse them; records of the same
+    weights stay and are reused. ``evaluated.json`` names the weights the records belong to."""
+    import hashlib
+    import shutil
+
+    from sdzero.records import write_json_atomic
+
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    stamp = run_dir / "evaluated.json"
+    if stamp.is_file():
+        old = json.loads(stamp.read_text()).get("sha256", "")
+        if old != digest:
+            stale = run_dir / "stale" / old[:12]
+            stale.mkdir(parents=True, exist_ok=True)
+            for name in ("predictions", "metrics.json", "visuals"):
+                if (run_dir / name).exists():
+                    shutil.move(str(run_dir / name), str(stale / name))
+            log.warning("training went on: the evaluation of older weights moved to %s", stale)
+    write_json_atomic(stamp, {"checkpoint": str(checkpoint.relative_to(run_dir)), "sha256": digest})
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
-from sdzero.errors import InputError
+from sdzero.errors import ConfigError, InputError
 from sdzero.evaluation import EvaluationModule
 from sdzero.settings import build_settings
 from sdzero.tasks.correspondence import CorrespondenceTask, Scoring
@@ -75,20 +75,27 @@ class PromptCorrespondenceModule(EvaluationModule):
         self,
         backbone: dict[str, Any],
         seed: int = 0,
-        run_dir: str | None = None,
-        visuals: int = 0,
         **settings: Any,
     ) -> None:
-        super().__init__(run_dir=run_dir, visuals=visuals)
+        super().__init__()
         self.fit_cfg = build_settings(CorrespondenceSettings, settings)
         self.backbone_dtype = as_dtype(backbone.get("dtype", "float32"), "backbone.dtype")
         self.backbone_cfg = dict(backbone)
         self.seed = int(seed)
-        self.task = CorrespondenceTask(self.fit_cfg.scoring())
         self.sd = None
         self.method: PromptCorrespondence | None = None
 
     def setup(self, stage: str) -> None:
+        """Load the backbone; under a Trainer, also build the task over the datamodule's
+        ``category_names`` (``sdzero match`` calls this without one and needs no metric)."""
+        if self._trainer is not None:
+            datamodule = self.trainer.datamodule
+            if not hasattr(datamodule, "category_names"):
+                raise ConfigError(
+                    f"{type(self).__name__} needs a keypoint-pair datamodule; "
+                    f"{type(datamodule).__name__} lacks category_names"
+                )
+            self.task = CorrespondenceTask(self.fit_cfg.scoring(), datamodule.category_names)
         if self.sd is None:
             cfg = self.backbone_cfg
             self.sd = load_stable_diffusion(cfg["weights"], cfg["arch"], dtype=self.backbone_dtype)

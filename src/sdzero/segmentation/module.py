@@ -50,12 +50,10 @@ class OVDiffModule(EvaluationModule):
     def __init__(
         self,
         backbone: Mapping[str, Any],
-        run_dir: str | None = None,
-        visuals: int = 0,
         seed: int = 0,
         **settings: Any,
     ) -> None:
-        super().__init__(run_dir, visuals)
+        super().__init__()
         self.settings = build_settings(OVDiffSettings, settings)
         self.backbone = dict(backbone)
         self.seed = seed
@@ -68,9 +66,9 @@ class OVDiffModule(EvaluationModule):
     def cache_root(self) -> Path:
         """Where prototypes (and generated support sets) are cached."""
         if self.settings.prototype_cache == "run":
-            if self.run_dir is None:
+            if self._trainer is None:  # the runner's Trainer works in the run folder
                 raise ConfigError("method.prototype_cache=run needs a run folder; give a path")
-            return self.run_dir / "prototypes"
+            return Path(self.trainer.default_root_dir) / "prototypes"
         if self.settings.prototype_cache:
             return Path(self.settings.prototype_cache).expanduser()
         return default_cache_root()
@@ -228,7 +226,6 @@ class OVDiffModule(EvaluationModule):
         self.task = SegmentationTask(self.class_names, datamodule.ignore_index)
 
     def on_test_start(self) -> None:
-        super().on_test_start()
         datamodule = self.trainer.datamodule
         self.prepare(
             datamodule.prompt_names,

@@ -1,0 +1,224 @@
+"""The run folder's writers as Lightning callbacks: records and artifacts, resume, metrics, visuals.
+
+An evaluation is ``trainer.test(module)`` with these callbacks (the runner adds them; library users
+may too). The method only predicts: its ``test_step`` returns ``{"record", "prediction", "reused"}``
+(see :class:`~sdzero.evaluation.EvaluationModule`) and the callbacks do the rest, in this order:
+
+* :class:`PredictionRecords` reads the finished records of an interrupted run back at the start
+  (``pl_module.finished``: the samples the method skips) and writes each new sample's artifacts
+  and then its record (``predictions/rank<k>.jsonl``, flushed) as soon as it is produced;
+* :class:`TaskMetrics` times the samples, scores each one (new or reused) with the task's metric,
+  and at the end writes ``metrics.json`` atomically on rank 0 and logs it (W&B tables too);
+* :class:`Visuals` draws the first samples of each rank into ``visuals/``.
+
+Lightning's ``BasePredictionWriter`` is the model: one writer, called per batch, owning the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from sdzero.records import RecordWriter, read_records, write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_WARNING = (
+    "RANDOM WEIGHTS: this run used a backbone with random weights; its metrics are meaningless and "
+    "must never be reported as results."
+)
+
+
+def predictions_dir(run_dir: str | Path | None) -> Path | None:
+    """A run folder's ``predictions/`` (None without a run folder)."""
+    return None if run_dir is None else Path(run_dir) / "predictions"
+
+
+class PredictionRecords(pl.Callback):
+    """Writes every sample's artifacts and record as it finishes; on resume, hands the finished
+    samples to the module so that it skips them. Every rank reads every rank's records: a resumed
+    run may use another world size."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.folder = Path(run_dir) / "predictions"
+        self._writer: RecordWriter | None = None
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        finished: dict[int, dict[str, Any]] = {}
+        for path in sorted(self.folder.glob("*.jsonl")):
+            for record in read_records(path):
+                index = record.get("index")
+                if isinstance(index, int) and pl_module.task.record_complete(record, self.folder):
+                    finished.setdefault(index, record)
+        pl_module.finished = finished
+        if finished and trainer.global_rank == 0:
+            log.info("resuming: %d finished samples found in %s", len(finished), self.folder)
+        self._writer = RecordWriter(self.folder / f"rank{trainer.global_rank}.jsonl")
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if outputs["reused"]:
+            return
+        record = outputs["record"]
+        for name, data in pl_module.task.artifacts(record, outputs["prediction"]).items():
+            write_bytes_atomic(self.folder / name, data)  # before the record that names them
+        self._writer.write(record)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class TaskMetrics(pl.Callback):
+    """Scores every sample with the task's metric; at the end builds the ``metrics.json`` object
+    (:attr:`metrics`), writes it into ``run_dir`` on rank 0 (when given) and logs it.
+
+    ``run_dir`` is also where reused samples' artifacts are read back (segmentation masks)."""
+
+    def __init__(self, run_dir: str | Path | None = None) -> None:
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.metrics: dict[str, Any] | None = None
+        self._start = 0.0
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self._seconds, self._count, self._reused = 0.0, 0, 0
+        self.metrics = None
+
+    def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if outputs["reused"]:
+            self._reused += 1
+        else:
+            seconds = time.perf_counter() - self._start
+            self._seconds += seconds
+            self._count += 1
+            pl_module.log("seconds_per_sample", seconds, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.task.update(
+            outputs["record"], batch, outputs["prediction"], predictions_dir(self.run_dir)
+        )
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        task = pl_module.task
+        computed = task.metric.compute()  # synced across ranks by torchmetrics
+        log.info(
+            "rank %d: %d samples evaluated in %.1f s (%.3f samples/s), %d reused from records",
+            trainer.global_rank,
+            self._count,
+            self._seconds,
+            self._count / max(self._seconds, 1e-9),
+            self._reused,
+        )
+        stats = torch.tensor([self._seconds, float(self._count)], dtype=torch.float64)
+        if trainer.world_size > 1:
+            stats = pl_module.all_gather(stats.to(pl_module.device)).reshape(-1, 2).sum(0).cpu()
+        seconds_per_sample = float(stats[0] / max(stats[1], 1.0))
+        summary = task.summary({**computed, "seconds_per_sample": seconds_per_sample})
+        datamodule = trainer.datamodule
+        summary.update(
+            dataset=getattr(datamodule, "dataset_name", type(datamodule).__name__),
+            split_size=int(getattr(datamodule, "split_size", -1)),
+        )
+        if getattr(pl_module, "random_weights", False):
+            summary["warning"] = RANDOM_WEIGHTS_WARNING
+        self.metrics = summary
+        if trainer.global_rank == 0 and self.run_dir is not None:
+            write_json_atomic(self.run_dir / "metrics.json", summary)
+        if pl_module.logger is not None:
+            flat = {k: v for k, v in _flatten(summary).items() if isinstance(v, (int, float))}
+            pl_module.logger.log_metrics(flat)
+            if _is_wandb(pl_module.logger):
+                _log_tables(pl_module.logger, summary)
+        task.metric.reset()
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if getattr(pl_module, "random_weights", False):
+            log.warning(RANDOM_WEIGHTS_WARNING)
+
+
+class Visuals(pl.Callback):
+    """A PNG of each of the first ``count`` new samples of every rank in ``run_dir/visuals/``
+    (the task draws it), also logged to W&B."""
+
+    def __init__(self, run_dir: str | Path, count: int) -> None:
+        self.folder = Path(run_dir) / "visuals"
+        self.count = int(count)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if outputs["reused"] or batch_idx >= self.count:
+            return
+        record = outputs["record"]
+        image = pl_module.task.visual(record, batch, outputs["prediction"])
+        if image is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{record['id']}.png".replace("/", "_")
+        image.save(path)
+        if _is_wandb(pl_module.logger):
+            pl_module.logger.log_image(
+                key="visuals", images=[str(path)], caption=[str(record["id"])]
+            )
+
+
+def evaluation_callbacks(run_dir: str | Path | None, visuals: int = 0) -> list[pl.Callback]:
+    """The callbacks of an evaluation into ``run_dir`` (None: metrics in memory only)."""
+    if run_dir is None:
+        return [TaskMetrics()]
+    return [PredictionRecords(run_dir), TaskMetrics(run_dir), Visuals(run_dir, visuals)]
+
+
+def _is_wandb(logger: Any) -> bool:
+    return type(logger).__name__ == "WandbLogger"
+
+
+def _log_tables(logger: Any, summary: dict[str, Any]) -> None:
+    """Per-category / per-class results as W&B tables (one row per name)."""
+    for key in ("per_category", "per_class_iou"):
+        table = summary.get(key)
+        if not table:
+            continue
+        first = next(iter(table.values()))
+        columns = ["name", *(first.keys() if isinstance(first, dict) else ["iou"])]
+        rows = [[name, *(v.values() if isinstance(v, dict) else [v])] for name, v in table.items()]
+        logger.log_table(key=key, columns=columns, data=rows)
+
+
+def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}/"))
+        else:
+            out[key] = v
+    return out

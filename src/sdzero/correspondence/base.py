@@ -1,0 +1,121 @@
+"""What every correspondence method shares: the scoring keys, the model frame, one pair in, points out.
+
+A correspondence method subclasses :class:`CorrespondenceModule`, names a settings dataclass that
+inherits :class:`ScoringSettings` (and has an ``image_size``: the side of the square model frame)
+and implements :meth:`CorrespondenceModule.match`: source and target images already in the model
+frame, source points in model-frame pixels, target points out. The base maps the original images
+and points into that frame and back, checks the query points, and builds the PCK task over the
+datamodule's categories.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdzero.errors import ConfigError, InputError
+from sdzero.evaluation import EvaluationModule
+from sdzero.tasks.correspondence import CorrespondenceTask, Scoring
+from sdzero.tasks.frames import ModelFrame
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """The ``method.*`` keys of the model frame and of PCK, shared by every correspondence method;
+    the subclass adds ``image_size``. Defaults are the official Hedlin code's.
+
+    ``pck_threshold``: ``bbox-target`` | ``bbox-source`` | ``bbox-keypoints`` |
+    ``bbox-keypoints-padded`` | ``image`` | ``bbox-target-xscale`` (the official CUB quirk, in
+    ``pck_frame=resized`` only), measured in ``pck_frame``: ``original`` pixels of the target, or
+    ``resized`` (the model frame, as the official code measures).
+    """
+
+    resize: str = "stretch"  # stretch (official) | letterbox (keeps the aspect ratio)
+    pck_threshold: str = "bbox-target"
+    pck_frame: str = "original"  # original (target pixels) | resized (model frame, official)
+    pck_alphas: tuple[float, ...] = (0.05, 0.1, 0.15)
+    pck_inclusive: bool = True  # <= (official, DIFT) | < (SD-DINO)
+
+    def __post_init__(self) -> None:
+        self.scoring()  # validates the scoring keys
+
+    def scoring(self) -> Scoring:
+        return Scoring(
+            threshold=self.pck_threshold,
+            frame=self.pck_frame,
+            alphas=self.pck_alphas,
+            inclusive=self.pck_inclusive,
+            image_size=self.image_size,  # type: ignore[attr-defined]  (the subclass's field)
+            resize=self.resize,
+        )
+
+
+def check_query_points(
+    points: torch.Tensor, width: int, height: int, image: str = "source image"
+) -> None:
+    """:class:`InputError` unless every ``(x, y)`` of ``points`` ``(N, 2)`` (pixels of the original
+    source image, edges included) lies in the ``width`` x ``height`` image named ``image``."""
+    outside = (
+        (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
+    )
+    if outside.any():
+        bad = points[outside][0].tolist()
+        raise InputError(
+            f"query point {bad} lies outside the {width}x{height} (w x h) {image}; expected "
+            f"0 <= x <= {width} and 0 <= y <= {height}"
+        )
+
+
+class CorrespondenceModule(EvaluationModule):
+    """Base of the correspondence methods; ``self.settings`` is a :class:`ScoringSettings`."""
+
+    settings: Any
+
+    def setup(self, stage: str) -> None:
+        """Under a Trainer's test loop, build the task over the datamodule's ``category_names``
+        (``sdzero match`` runs without one and needs no metric)."""
+        if self._trainer is not None and stage == "test":
+            datamodule = self.trainer.datamodule
+            if not hasattr(datamodule, "category_names"):
+                raise ConfigError(
+                    f"{type(self).__name__} needs a keypoint-pair datamodule; "
+                    f"{type(datamodule).__name__} lacks category_names"
+                )
+            self.task = CorrespondenceTask(self.settings.scoring(), datamodule.category_names)
+
+    def frame(self, image: torch.Tensor) -> ModelFrame:
+        """The model frame of a ``(3, H, W)`` image."""
+        return ModelFrame(
+            int(image.shape[2]), int(image.shape[1]), self.settings.image_size, self.settings.resize
+        )
+
+    def match(
+        self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, index: int
+    ) -> torch.Tensor:
+        """Target points ``(N, 2)`` for source ``points`` ``(N, 2)``, all ``(x, y)`` pixels of the
+        model frame; ``src``/``trg``: ``(1, 3, S, S)`` float in [0, 1] on the module's device;
+        ``index``: the pair's dataset index (keys per-pair random streams)."""
+        raise NotImplementedError
+
+    def predict_pair(
+        self, src_img: torch.Tensor, trg_img: torch.Tensor, src_kps: torch.Tensor, index: int = 0
+    ) -> torch.Tensor:
+        """Predicted target points ``(N, 2)`` in ORIGINAL target pixels for source points ``(N, 2)``
+        in original source pixels; images are ``(3, H, W)`` uint8."""
+        src_frame, trg_frame = self.frame(src_img), self.frame(trg_img)
+        check_query_points(src_kps, src_frame.w, src_frame.h)
+        pred = self.match(
+            src_frame.image(src_img).to(self.device),
+            trg_frame.image(trg_img).to(self.device),
+            src_frame.to_model(src_kps.float()),
+            int(index),
+        )
+        return trg_frame.to_original(pred.cpu())
+
+    def predict(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``(N, 2)`` predicted target points of the pair, in original target pixels."""
+        return self.predict_pair(
+            batch["src_img"], batch["trg_img"], batch["src_kps"], batch["index"]
+        )

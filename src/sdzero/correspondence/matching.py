@@ -1,0 +1,73 @@
+"""Correspondence by nearest neighbours of dense features: the shape of DIFT, SD+DINO and students.
+
+A feature method maps a batch of model-frame images ``(B, 3, S, S)`` to dense descriptors
+``(B, C, h, w)`` on a grid over the ``S x S`` frame (cell ``(i, j)`` covers model pixels
+``[j S/w, (j+1) S/w) x [i S/h, (i+1) S/h)``; coordinates are continuous, 0 = the frame's left/top
+edge). A source point's descriptor is bilinearly sampled from its grid at the point; its match is
+the target cell of highest cosine similarity, reported at the cell's centre.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sdzero.correspondence.base import CorrespondenceModule
+
+
+def sample_descriptors(features: torch.Tensor, points: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear descriptors ``(N, C)`` of ``features`` ``(C, h, w)`` at ``points`` ``(N, 2)``
+    (``(x, y)`` pixels of the ``size x size`` frame; borders replicate)."""
+    grid = (points.to(features) * (2.0 / size) - 1.0).view(1, 1, -1, 2)
+    out = F.grid_sample(
+        features[None], grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return out[0, :, 0].T
+
+
+def similarity(descriptors: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``(N, h*w)`` of ``descriptors`` ``(N, C)`` with every cell of ``features``
+    ``(C, h, w)`` (cells in row-major order)."""
+    cells = F.normalize(features.flatten(1), dim=0)
+    return F.normalize(descriptors, dim=1) @ cells
+
+
+def cell_centres(index: torch.Tensor, grid_hw: tuple[int, int], size: int) -> torch.Tensor:
+    """``(N, 2)`` ``(x, y)`` model-frame centres of row-major cell indices ``index`` ``(N,)``."""
+    h, w = grid_hw
+    rows, cols = index // w, index % w
+    return torch.stack([(cols + 0.5) * (size / w), (rows + 0.5) * (size / h)], dim=1).float()
+
+
+def cell_of(points: torch.Tensor, grid_hw: tuple[int, int], size: int) -> torch.Tensor:
+    """Row-major index ``(N,)`` of the cell holding each ``(x, y)`` point ``(N, 2)`` (clamped)."""
+    h, w = grid_hw
+    cols = (points[:, 0] * (w / size)).floor().long().clamp(0, w - 1)
+    rows = (points[:, 1] * (h / size)).floor().long().clamp(0, h - 1)
+    return rows * w + cols
+
+
+def nearest_neighbours(
+    src_features: torch.Tensor, trg_features: torch.Tensor, points: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Matches ``(N, 2)`` (target cell centres, model-frame pixels) of source ``points``
+    ``(N, 2)``, from ``(C, h, w)`` source and target features."""
+    scores = similarity(sample_descriptors(src_features, points, size), trg_features)
+    return cell_centres(scores.argmax(dim=1), tuple(trg_features.shape[-2:]), size)
+
+
+class FeatureMatching(CorrespondenceModule):
+    """A correspondence method that only defines :meth:`features`; matching is
+    :func:`nearest_neighbours` of the two images' features (one extraction per image)."""
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` [0, 1] model-frame images -> ``(B, C, h, w)`` descriptors."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def match(
+        self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, index: int
+    ) -> torch.Tensor:
+        feats = self.features(torch.cat([src, trg]))
+        size = self.settings.image_size
+        return nearest_neighbours(feats[0], feats[1], points.to(feats.device), size)
