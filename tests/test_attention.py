@@ -75,8 +75,8 @@ def test_processors_restored_and_unread_layers_keep_sdpa(unet):
     before = {k: type(v) for k, v in unet.attn_processors.items()}
     with AttentionCapture(unet, [7]):
         inside = {k: type(v).__name__ for k, v in unet.attn_processors.items()}
-    assert inside[f"{EXPECTED[7]}.processor"] == "_CaptureProcessor"
-    assert sum(v == "_CaptureProcessor" for v in inside.values()) == 1
+    assert inside[f"{EXPECTED[7]}.processor"] == "CaptureProcessor"
+    assert sum(v == "CaptureProcessor" for v in inside.values()) == 1
     assert inside[f"{EXPECTED[8]}.processor"] == before[f"{EXPECTED[8]}.processor"].__name__
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
 

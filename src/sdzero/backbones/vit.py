@@ -30,6 +30,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import Tensor, nn
 
 from sdzero.backbones.errors import WeightsNotFoundError
+from sdzero.backbones.tap import FeatureTap
 from sdzero.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -243,28 +244,6 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], force: bool 
     return torch.cat([pos_embed[:1], patch_pos.permute(0, 2, 3, 1).reshape(height * width, dim)])
 
 
-class _KeysReady(Exception):
-    """Raised from the key hook to stop the block once its keys exist (skips attention + MLP)."""
-
-    def __init__(self, keys: Tensor) -> None:
-        super().__init__()
-        self.keys = keys
-
-
-def _raise_timm_keys(module: nn.Linear, args: tuple[Tensor, ...], output: Tensor) -> None:
-    # timm's fused qkv projection lays out [q | k | v], heads concatenated inside each.
-    dim = module.out_features // 3
-    raise _KeysReady(output[..., dim : 2 * dim])
-
-
-def _raise_open_clip_keys(module: nn.MultiheadAttention, args: tuple[Tensor, ...]) -> None:
-    # nn.MultiheadAttention never exposes its projections, so apply the key rows of in_proj to
-    # its key input (the block's normed tokens), exactly as its forward would.
-    dim = module.embed_dim
-    bias = None if module.in_proj_bias is None else module.in_proj_bias[dim : 2 * dim]
-    raise _KeysReady(F.linear(args[1], module.in_proj_weight[dim : 2 * dim], bias))
-
-
 class ViTFeatureExtractor(nn.Module):
     """Dense features of one block of a frozen ViT on its patch grid.
 
@@ -358,18 +337,10 @@ class ViTFeatureExtractor(nn.Module):
         tokens = tokens + pos.to(patches.dtype)
         return pre_norm(tokens)
 
-    def _keys(self, block: nn.Module, tokens: Tensor) -> Tensor:
-        if self._is_timm:
-            handle = block.attn.qkv.register_forward_hook(_raise_timm_keys)
-        else:
-            handle = block.attn.register_forward_pre_hook(_raise_open_clip_keys)
-        try:
-            block(tokens)
-        except _KeysReady as ready:
-            return ready.keys
-        finally:
-            handle.remove()
-        raise RuntimeError(f"the key hook of block {self.block} did not fire")
+    def _run_blocks(self, tokens: Tensor) -> Tensor:
+        for block in self._blocks():
+            tokens = block(tokens)
+        return tokens
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, dim, H // patch_size, W // patch_size)."""
@@ -380,11 +351,13 @@ class ViTFeatureExtractor(nn.Module):
         kept = images[..., : grid[0] * self.patch_size, : grid[1] * self.patch_size]
         # DINO's rule: only a square image at the native grid keeps its position embeddings.
         tokens = self._embed((kept - self.mean) / self.std, force_pos=height != width)
-        blocks = self._blocks()
-        for block in blocks[: self.block]:
-            tokens = block(tokens)
-        last = blocks[self.block]
-        features = self._keys(last, tokens) if self.facet == "key" else last(tokens)
+        # The tap stops the blocks once the chosen facet exists (keys: before that block's
+        # attention and MLP run).
+        kind = "keys" if self.facet == "key" else "outputs"
+        prefix = "blocks" if self._is_timm else "transformer.resblocks"
+        path = f"{prefix}.{self.block}"
+        with FeatureTap(self.model, **{kind: [path]}) as tap:
+            features = getattr(tap.run(lambda: self._run_blocks(tokens)), kind)[path]
         return features[:, 1:].transpose(1, 2).reshape(batch, self.dim, *grid)
 
 
