@@ -27,7 +27,7 @@ def test_every_group_option_composes_and_instantiates(tmp_path):
                     assert isinstance(obj, pl.LightningDataModule)
                 else:
                     obj = instantiate(
-                        node, key=group, backbone=OmegaConf.to_container(cfg.backbone), run_dir=None
+                        node, key=group, backbone=OmegaConf.to_container(cfg.backbone)
                     )
                     assert isinstance(obj, pl.LightningModule)
             elif group == "trainer":

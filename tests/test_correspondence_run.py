@@ -75,13 +75,12 @@ def test_demo_run_folder_is_complete_and_recomputable(tmp_path):
     records = list(read_records(out / "predictions" / "rank0.jsonl"))
     assert [r["index"] for r in records] == [0, 1]
     # recompute metrics.json from the records alone
-    pck = PCK(threshold=on_disk["threshold"])
+    pck = PCK(sorted({r["category"] for r in records}), threshold=on_disk["threshold"])
     for r in records:
         assert len(r["pred_kps"]) == len(r["src_kps"]) == len(r["trg_kps"])
         pck.update(
             r["pred_kps"],
             r["trg_kps"],
-            index=r["index"],
             category=r["category"],
             threshold_size=r["threshold_size"],
         )
@@ -94,7 +93,7 @@ def test_query_point_outside_the_image_is_a_clear_error(sd):
     from sdzero.correspondence.module import PromptCorrespondenceModule
 
     module = PromptCorrespondenceModule({"arch": "tiny", "weights": None}, image_size=S, steps=1)
-    module.sd, module.method = sd, PromptCorrespondence(sd, module.fit_cfg)
+    module.sd, module.method = sd, PromptCorrespondence(sd, module.settings)
     img = torch.zeros(3, 50, 80, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"query point \[90.0, 10.0\] lies outside the 80x50"):
         module.predict_pair(img, img, torch.tensor([[10.0, 10.0], [90.0, 10.0]]))

@@ -30,7 +30,7 @@ def match_images(
     """
     from datamodules.files import load_rgb
     from sdzero.config import compose
-    from sdzero.correspondence.module import check_query_points
+    from sdzero.correspondence.base import check_query_points
     from sdzero.runs import build_method
 
     if not points:
