@@ -314,12 +314,11 @@ class FeatureTap:
             side = math.isqrt(n_query)
             hw = (side, side)
         elif hw is None:
-            lh, lw = self._grid
-            factor = round((lh * lw / n_query) ** 0.5)
-            hw = (-(-lh // factor), -(-lw // factor))  # strided convs round odd sizes up
-            if hw[0] * hw[1] != n_query:
+            hw = _downsampled_grid(self._grid, n_query)
+            if hw is None:
                 raise RuntimeError(
-                    f"{name}: cannot infer the grid of {n_query} positions from {lh}x{lw}"
+                    f"{name}: cannot infer the grid of {n_query} positions from "
+                    f"{self._grid[0]}x{self._grid[1]}"
                 )
         self._current.hw[name] = hw
 
@@ -374,6 +373,19 @@ class FeatureTap:
             self._emit("outputs", name, output)
 
         return hook
+
+
+def _downsampled_grid(grid: tuple[int, int], positions: int) -> tuple[int, int] | None:
+    """The grid of ``positions`` cells that halving ``grid`` k times gives (stride-2 convolutions
+    round odd sizes up: 8x6 -> 4x3 -> 2x2 -> 1x1), or None."""
+    height, width = grid
+    factor = 1
+    while factor < 2 * max(height, width):
+        hw = (-(-height // factor), -(-width // factor))
+        if hw[0] * hw[1] == positions:
+            return hw
+        factor *= 2
+    return None
 
 
 def _num_heads(site: _Site) -> int:

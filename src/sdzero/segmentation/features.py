@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdzero.backbones.attention import AttentionCapture, resolve_layers
+from sdzero.backbones.attention import resolve_layers
 from sdzero.backbones.sd import StableDiffusion, validate_images
+from sdzero.backbones.sd_features import diffused_latents, query_features
 from sdzero.backbones.vit import build_vit_extractor, check_images
 from sdzero.seeding import keyed_generator
 from sdzero.segmentation.settings import OVDIFF
@@ -101,16 +102,16 @@ class FeatureExtractor(nn.Module):
 
 
 class SDQueryExtractor(FeatureExtractor):
-    """OVDiff's SD features: queries of cross-attention layers ``layers`` (indices among the 16).
+    """OVDiff's SD features: queries of cross-attention layers ``layers`` (indices among the 16)
+    by :func:`~sdzero.backbones.sd_features.query_features`, with OVDiff's seeding and inputs.
 
     The VAE latent is *sampled* and DDPM-noised to ``timestep`` with Gaussian noise: for support
     images both from CPU generators seeded ``seed``, re-seeded for the noise as officially (so the
     noise equals the sample's epsilon); for test-time windows both from one stream per window,
     keyed by ``(seed, image index, window index)`` (see :meth:`window_features`). One UNet pass
-    with the empty-prompt embedding runs up to the last read layer. Each layer's queries ``(B, h*w, C)`` are bilinearly upsampled
-    to the largest grid (64² for 512² input) and concatenated in layer order, unnormalised:
-    ``(B, sum C, H/8, W/8)`` (7680-d for SD 1.5). Windows are resized to ``input_size``² first
-    (bilinear, no antialias).
+    with the empty-prompt embedding runs up to the last read layer; the queries, upsampled to the
+    largest grid (64² for 512² input) and concatenated in layer order, are ``(B, sum C, H/8, W/8)``
+    (7680-d for SD 1.5). Windows are resized to ``input_size``² first (bilinear, no antialias).
     """
 
     name = "sd"
@@ -177,28 +178,20 @@ class SDQueryExtractor(FeatureExtractor):
         """
         validate_images(images)
         # One generator per image: an image's features do not depend on the rest of its batch.
-        vae_gens = self._seeded(len(images)) if generators is None else list(generators)
-        if len(vae_gens) != len(images):
-            raise ValueError(f"{len(vae_gens)} generators for {len(images)} images")
-        latents = self.sd.encode_images(images, sample=True, generator=vae_gens)
-        noise_gens = self._seeded(len(images)) if generators is None else vae_gens
-        # Drawn as diffusers draws the posterior sample: (1, C, h, w) per generator, VAE dtype.
-        shape, dtype = (1, *latents.shape[1:]), self.sd.vae.dtype
-        noise = torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in noise_gens])
-        noisy = self.sd.add_noise(latents, self.timestep, noise)
-        context = self.empty_prompt.to(noisy.dtype).expand(noisy.shape[0], -1, -1)
-        unet = self.sd.unet
-        with AttentionCapture(
-            unet, self.layers, probs=False, queries=True, truncate=truncate
-        ) as cap:
-            got = cap(noisy, torch.tensor(self.timestep, device=noisy.device), context)
-        target = max((got.hw[p] for p in self.layers), key=lambda hw: hw[0] * hw[1])
-        maps = []
-        for path in self.layers:
-            q = got.queries[path].float()
-            q = q.transpose(1, 2).reshape(q.shape[0], q.shape[2], *got.hw[path])
-            maps.append(F.interpolate(q, size=target, mode="bilinear", align_corners=False))
-        return torch.cat(maps, dim=1)
+        if generators is None:
+            count = len(images)
+            noisy = diffused_latents(
+                self.sd,
+                images,
+                self.timestep,
+                generators=self._seeded(count),
+                noise_generators=self._seeded(count),
+            )
+        else:
+            noisy = diffused_latents(self.sd, images, self.timestep, generators=generators)
+        return query_features(
+            self.sd, noisy, self.timestep, self.empty_prompt, self.layers, truncate=truncate
+        )
 
 
 class ViTKeyExtractor(FeatureExtractor):
