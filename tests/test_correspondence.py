@@ -248,7 +248,8 @@ def test_config_validation():
 
 
 def test_pck_threshold_sizes_in_both_frames_including_the_cub_quirk():
-    from sdzero.correspondence.module import PromptCorrespondenceModule
+    from sdzero.correspondence.module import CorrespondenceSettings
+    from sdzero.tasks.correspondence import CorrespondenceTask
 
     batch = {
         "trg_kps": torch.tensor([[30.0, 20.0], [40.0, 90.0]]),
@@ -259,9 +260,8 @@ def test_pck_threshold_sizes_in_both_frames_including_the_cub_quirk():
     }
 
     def size(**kw):
-        return PromptCorrespondenceModule(
-            {"arch": "tiny", "weights": None}, **kw
-        ).task.threshold_size(batch)
+        scoring = CorrespondenceSettings(**kw).scoring()
+        return CorrespondenceTask(scoring, ["cat"]).threshold_size(batch)
 
     assert size(pck_threshold="bbox-target") == pytest.approx(80.0)
     assert size(pck_threshold="bbox-target", pck_frame="resized") == pytest.approx(80 * 5.12)

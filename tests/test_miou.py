@@ -1,4 +1,4 @@
-"""Dataset mIoU against hand-computed confusion matrices; dedupe; torchmetrics' Jaccard as reference."""
+"""Dataset mIoU against hand-computed confusion matrices, merged ranks, torchmetrics' Jaccard."""
 
 from __future__ import annotations
 
@@ -77,36 +77,49 @@ def test_a_batch_equals_its_images_one_by_one() -> None:
     assert batched.compute() == single.compute()
 
 
-def test_an_image_updated_twice_with_its_index_counts_once() -> None:
-    metric = MeanIoU(["background", "fg"])
-    metric.update(IMAGE_A[0], IMAGE_A[1], index=0)
-    metric.update(IMAGE_B[0], IMAGE_B[1], index=torch.tensor([1]))
-    # image 1 again (a padded sampler's repeat) with another prediction: the first update wins
-    metric.update(IMAGE_B[1], IMAGE_B[1], index=1)
-    assert metric.confusion_matrix().tolist() == [[3, 0], [1, 4]]
-    assert metric.compute()["miou"] == pytest.approx(77.5)
-    assert metric.compute()["num_images"] == 2
+IMAGE_C = (torch.tensor([[1, 0, 0, 0]]), torch.tensor([[1, 0, 0, 0]]))
 
 
-def test_without_an_index_a_repeat_is_counted_again() -> None:
-    metric = MeanIoU(["background", "fg"])
-    for pred, target in (IMAGE_A, IMAGE_B, IMAGE_B):
-        metric.update(pred, target)
-    assert metric.confusion_matrix().tolist() == [[6, 0], [2, 4]]
-    assert metric.compute()["num_images"] == 3
+def miou() -> MeanIoU:
+    return MeanIoU(["background", "fg"])
 
 
-def test_merged_rank_states_count_a_repeated_image_once() -> None:
-    # 2 ranks over 3 images with padding: rank 0 gets images 0, 2; rank 1 gets 1, 0
-    images = [IMAGE_A, IMAGE_B, (torch.tensor([[1, 0, 0, 0]]), torch.tensor([[1, 0, 0, 0]]))]
-    ranks = [MeanIoU(["background", "fg"]), MeanIoU(["background", "fg"])]
-    for metric, order in zip(ranks, ((0, 2), (1, 0)), strict=True):
-        for i in order:
-            metric.update(*images[i], index=i)
-    ranks[0].merge_state(ranks[1])
-    # image 2 adds 3 true background and 1 true fg pixels to the pooled [[3, 0], [1, 4]]
-    assert ranks[0].confusion_matrix().tolist() == [[6, 0], [1, 5]]
-    assert ranks[0].compute()["num_images"] == 3
+def test_state_is_one_confusion_matrix_whatever_the_number_of_images() -> None:
+    metric = miou()
+    for _ in range(20):
+        metric.update(*IMAGE_B)
+    assert {k: tuple(v.shape) for k, v in metric.metric_state.items()} == {
+        "confmat": (2, 2),
+        "num_images": (),
+    }
+    assert metric.confusion_matrix().tolist() == [[60, 0], [20, 0]]
+    assert metric.compute()["num_images"] == 20
+
+
+def test_two_halves_merged_equal_one_metric_of_everything() -> None:
+    whole, first, second = miou(), miou(), miou()
+    for pred, target in (IMAGE_A, IMAGE_B, IMAGE_C):
+        whole.update(pred, target)
+    first.update(*IMAGE_A)
+    first.update(*IMAGE_C)
+    second.update(*IMAGE_B)
+    first.merge_state(second)
+    # image C adds 3 true background and 1 true fg pixels to A + B's [[3, 0], [1, 4]]
+    assert (
+        first.confusion_matrix().tolist() == whole.confusion_matrix().tolist() == [[6, 0], [1, 5]]
+    )
+    assert first.compute() == whole.compute()
+    assert first.compute()["num_images"] == 3
+
+
+def test_merging_a_metric_without_updates_changes_nothing() -> None:
+    metric, idle = miou(), miou()
+    metric.update(*IMAGE_A)
+    metric.update(*IMAGE_B)
+    before = metric.compute()
+    metric.merge_state(idle)
+    assert metric.compute() == before
+    assert before["miou"] == pytest.approx(77.5)
 
 
 def test_ignored_pixels_count_for_nothing() -> None:
@@ -126,21 +139,19 @@ def test_ignored_pixels_count_for_nothing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("pred", "target", "kwargs", "error", "match"),
+    ("pred", "target", "error", "match"),
     [
-        ([[0, 2]], [[0, 1]], {}, ValueError, r"pred holds class indices in \[0, 2\]"),
-        ([[0, -1]], [[0, 1]], {}, ValueError, "pred holds class indices"),
-        ([[0, 1]], [[0, 7]], {}, ValueError, r"target holds labels \[7\]"),
-        ([[0.0, 1.0]], [[0, 1]], {}, TypeError, "integer class indices"),
-        ([[0, 1]], [[0, 1, 1]], {}, ValueError, "same shape"),
-        ([0, 1], [0, 1], {}, ValueError, r"\(H, W\) or \(B, H, W\)"),
-        ([[0, 1]], [[0, 1]], {"index": [0, 1]}, ValueError, "1 integer"),
-        ([[0, 1]], [[0, 1]], {"index": -2}, ValueError, "index must be >= 0"),
+        ([[0, 2]], [[0, 1]], ValueError, r"pred holds class indices in \[0, 2\]"),
+        ([[0, -1]], [[0, 1]], ValueError, "pred holds class indices"),
+        ([[0, 1]], [[0, 7]], ValueError, r"target holds labels \[7\]"),
+        ([[0.0, 1.0]], [[0, 1]], TypeError, "integer class indices"),
+        ([[0, 1]], [[0, 1, 1]], ValueError, "same shape"),
+        ([0, 1], [0, 1], ValueError, r"\(H, W\) or \(B, H, W\)"),
     ],
 )
-def test_bad_input_is_refused(pred, target, kwargs, error, match) -> None:
+def test_bad_input_is_refused(pred, target, error, match) -> None:
     with pytest.raises(error, match=match):
-        MeanIoU(["background", "fg"]).update(torch.tensor(pred), torch.tensor(target), **kwargs)
+        miou().update(torch.tensor(pred), torch.tensor(target))
 
 
 def test_without_ignore_index_void_labels_are_refused() -> None:

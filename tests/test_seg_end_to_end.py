@@ -87,7 +87,7 @@ def test_demo_segments_the_synthetic_images_almost_perfectly(tmp_path, data_root
             mask = torch.from_numpy(np.asarray(png).astype(np.int64))
         label = dataset[record["index"]]["label"]
         assert mask.shape == label.shape and int(mask.max()) <= 3
-        metric.update(mask, label, index=record["index"])
+        metric.update(mask, label)
     assert metric.compute()["miou"] == pytest.approx(metrics["miou"])
 
     # A second run finds every prototype in the cache.

@@ -1,4 +1,4 @@
-"""Dataset-level mean IoU for semantic segmentation (the mmsegmentation definition), deduplicated.
+"""Dataset-level mean IoU for semantic segmentation (the mmsegmentation definition).
 
 Intersection and union are accumulated over the whole split per class (one confusion matrix), pixels
 labelled ``ignore_index`` in the ground truth are dropped, IoU = TP / (TP + FP + FN), and mIoU is the
@@ -14,9 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
-
-from sdzero.metrics.pck import exact_in, first_rows
 
 
 def _as_label_maps(value: Any, name: str) -> Tensor:
@@ -34,12 +31,9 @@ def _as_label_maps(value: Any, name: str) -> Tensor:
 class MeanIoU(Metric):
     """mIoU over a dataset: one confusion matrix, ``ignore_index`` dropped, nanmean over classes.
 
-    Each image's confusion counts are kept sparsely (only its non-zero ``(gt, pred)`` cells, a few
-    dozen numbers an image), so an image updated twice with the same ``index`` (Lightning's distributed
-    sampler pads ranks by repeating samples) is counted once: :meth:`compute` keeps the first update of
-    each index, in rank order after a sync. Updates without an index are never deduplicated. States are
-    1-D ``cat`` tensors of the metric's float dtype, because torchmetrics stands in an empty 1-D tensor
-    of that dtype for a rank that saw no image and ``all_gather`` needs the same dtype on every process.
+    States are sums (``dist_reduce_fx="sum"``): ``confmat`` ``(C, C)`` int64 (rows: ground truth,
+    columns: prediction) and ``num_images`` ``()`` int64, so ranks merge by adding their states and a
+    rank that saw no image contributes zeros.
 
     :param class_names: one name per class; class ``c`` is ``class_names[c]``.
     :param ignore_index: the ground-truth label of void pixels (not a class index), or None.
@@ -49,10 +43,8 @@ class MeanIoU(Metric):
     higher_is_better = True
     is_differentiable = False
 
-    index: list[Tensor]
-    num_cells: list[Tensor]
-    cell: list[Tensor]
-    count: list[Tensor]
+    confmat: Tensor
+    num_images: Tensor
 
     def __init__(
         self, class_names: Sequence[str], ignore_index: int | None = 255, **kwargs: Any
@@ -71,19 +63,15 @@ class MeanIoU(Metric):
         self.class_names = class_names
         self.num_classes = len(class_names)
         self.ignore_index = ignore_index
-        exact_in(self.dtype, self.num_classes**2, "number of confusion cells")
-        # Per update: the image's dataset index (-1: none) and how many cells it contributes; then
-        # the cells (gt * C + pred) and their pixel counts, concatenated image after image.
-        for name in ("index", "num_cells", "cell", "count"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
+        num_classes = self.num_classes
+        self.add_state("confmat", torch.zeros(num_classes, num_classes, dtype=torch.long), "sum")
+        self.add_state("num_images", torch.zeros((), dtype=torch.long), "sum")
 
-    def update(self, pred: Any, target: Any, index: Any = None) -> None:
+    def update(self, pred: Any, target: Any) -> None:
         """Accumulate images.
 
         :param pred: ``(H, W)`` or ``(B, H, W)`` predicted class indices in ``[0, C)``.
         :param target: same shape, ground-truth class indices in ``[0, C)`` or ``ignore_index``.
-        :param index: the images' dataset indices (dedupe keys, integers >= 0): an int for one image,
-            else a sequence or tensor ``(B,)``; None skips deduplication.
         """
         pred = _as_label_maps(pred, "pred")
         target = _as_label_maps(target, "target")
@@ -92,8 +80,7 @@ class MeanIoU(Metric):
                 f"pred and target must have the same shape, got {tuple(pred.shape)} "
                 f"and {tuple(target.shape)}"
             )
-        num_images, num_classes = len(pred), self.num_classes
-        indices = self._indices(index, num_images)
+        num_classes = self.num_classes
         if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
             raise ValueError(
                 f"pred holds class indices in [{int(pred.min())}, {int(pred.max())}]; "
@@ -109,69 +96,33 @@ class MeanIoU(Metric):
                 f"target holds labels {bad[:10]}; expected class indices in [0, {num_classes}) "
                 f"or ignore_index={self.ignore_index}"
             )
-        exact_in(self.dtype, target.shape[1] * target.shape[2], "pixels per image")
-
-        image = torch.arange(num_images, device=pred.device)[:, None, None].expand_as(pred)
-        key = (image * num_classes + target) * num_classes + pred
-        counts = torch.bincount(key[valid], minlength=num_images * num_classes**2)
-        counts = counts.view(num_images, num_classes**2)
-        image_of_cell, cell = torch.nonzero(counts, as_tuple=True)
-
-        self.index.append(self._state(indices))
-        self.num_cells.append(self._state(torch.bincount(image_of_cell, minlength=num_images)))
-        self.cell.append(self._state(cell))
-        self.count.append(self._state(counts[image_of_cell, cell]))
-
-    def _indices(self, index: Any, num_images: int) -> Tensor:
-        """Dataset indices ``(B,)`` as int64, -1 for updates without one."""
-        if index is None:
-            return torch.full((num_images,), -1)
-        indices = torch.as_tensor(index).flatten()
-        if indices.dtype == torch.bool or indices.is_floating_point() or len(indices) != num_images:
-            raise ValueError(f"index must be {num_images} integer(s), one per image, got {index}")
-        if len(indices) and indices.min() < 0:
-            raise ValueError(f"index must be >= 0, got {indices.tolist()}")
-        for i in indices.tolist():
-            exact_in(self.dtype, i, "index")
-        return indices
-
-    def _state(self, values: Tensor) -> Tensor:
-        return values.to(device=self.device, dtype=self.dtype)
+        cells = labels * num_classes + pred.to(labels.device)[valid]
+        counts = torch.bincount(cells, minlength=num_classes**2).view(num_classes, num_classes)
+        self.confmat += counts.to(self.device)
+        self.num_images += len(pred)
 
     def confusion_matrix(self) -> Tensor:
         """The confusion matrix ``(C, C)`` int64 (rows: ground truth, columns: prediction) of the
-        deduplicated updates held by this process; after a sync (``sync_context()``), of all ranks."""
-        num_classes = self.num_classes
-        if len(self.index) == 0:  # a list, or one tensor after a sync
-            return torch.zeros(num_classes, num_classes, dtype=torch.long, device=self.device)
-        index = dim_zero_cat(self.index).long()
-        num_cells = dim_zero_cat(self.num_cells).long()
-        keep = (first_rows(index) == torch.arange(len(index), device=index.device)) | (index < 0)
-        keep_cell = torch.repeat_interleave(keep, num_cells)
-        cell = dim_zero_cat(self.cell).long()[keep_cell]
-        count = dim_zero_cat(self.count).double()[keep_cell]
-        matrix = torch.bincount(cell, weights=count, minlength=num_classes**2)
-        return matrix.round().long().view(num_classes, num_classes)
+        updates held by this process; after a sync (``sync_context()``), of all ranks."""
+        return self.confmat.clone()
 
     def compute(self) -> dict[str, Any]:
         """``{"miou": % over classes with a non-empty union, "per_class_iou": {name: % or None},
-        "num_images": distinct images}``; ``None`` marks classes absent from both GT and prediction."""
-        if len(self.index) == 0:  # a list, or one tensor after a sync
+        "num_images": images scored}``; ``None`` marks classes absent from both GT and prediction."""
+        if int(self.num_images) == 0:
             raise RuntimeError("MeanIoU.compute() called before any update: no image was scored")
-        matrix = self.confusion_matrix().double()
+        matrix = self.confmat.double()
         tp = matrix.diagonal()
         union = matrix.sum(dim=0) + matrix.sum(dim=1) - tp
         present = union > 0
         if not present.any():
             raise RuntimeError("MeanIoU.compute(): every scored pixel was ignore_index")
         iou = 100.0 * tp / union.clamp(min=1)
-        index = dim_zero_cat(self.index).long()
-        num_images = len(index[index >= 0].unique()) + int((index < 0).sum())
         return {
             "miou": float(iou[present].mean()),
             "per_class_iou": {
                 name: float(v) if p else None
                 for name, v, p in zip(self.class_names, iou.tolist(), present.tolist(), strict=True)
             },
-            "num_images": num_images,
+            "num_images": int(self.num_images),
         }

@@ -1,4 +1,4 @@
-"""PCK@alpha (percentage of correct keypoints) for semantic correspondence, deduplicated by sample.
+"""PCK@alpha (percentage of correct keypoints) for semantic correspondence, as small summed state.
 
 A predicted target keypoint is correct when its L2 distance to the ground truth is at most
 ``alpha * threshold_size`` (``<=``, as the official Hedlin code and DIFT count; ``<`` with
@@ -8,22 +8,18 @@ measured; :func:`threshold_size` lists the conventions of the benchmarks.
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
 
 ThresholdKind = Literal[
     "bbox-target", "bbox-source", "bbox-keypoints", "bbox-keypoints-padded", "image"
 ]
 THRESHOLD_KINDS: tuple[str, ...] = get_args(ThresholdKind)
-
-MAX_CATEGORY_BYTES = 64
-"""Longest category name (UTF-8 bytes) :class:`PCK` can carry across ranks."""
 
 
 def _as_points(value: Any, name: str) -> Tensor:
@@ -114,37 +110,21 @@ def threshold_size(
 _threshold_size = threshold_size
 
 
-def first_rows(index: Tensor) -> Tensor:
-    """For each position of ``index`` ``(n,)``, the position ``(n,)`` where its value first occurs."""
-    n = len(index)
-    uniq, inverse = torch.unique(index, return_inverse=True)
-    positions = torch.arange(n, device=index.device)
-    first = torch.full((len(uniq),), n, device=index.device)
-    return first.scatter_reduce(0, inverse, positions, reduce="amin")[inverse]
-
-
-def exact_in(dtype: torch.dtype, value: int, what: str) -> None:
-    """Raise unless the integer ``value`` survives a round trip through ``dtype``."""
-    if int(torch.tensor(value, dtype=dtype).item()) != value:
-        raise ValueError(
-            f"{what}={value} cannot be stored exactly in the metric's dtype {dtype}; "
-            "call metric.set_dtype(torch.float64)"
-        )
-
-
 class PCK(Metric):
-    """PCK@alpha over keypoint pairs, each sample counted once even if it is updated twice.
+    """PCK@alpha over keypoint pairs, as per-category sums over a fixed category axis.
 
-    One :meth:`update` per pair. Lightning's distributed sampler pads ranks by repeating samples,
-    so every pair carries its dataset ``index``; :meth:`compute` keeps the first update of each index
-    (in rank order after a sync). All states are 1-D tensors of the metric's float dtype gathered with
-    ``cat``: torchmetrics stands in an empty 1-D tensor of that dtype for a rank that saw no sample, and
-    ``all_gather`` needs the same dtype and rank on every process. Category names travel as their UTF-8
-    bytes (at most ``MAX_CATEGORY_BYTES``), so no category list has to be agreed on beforehand.
+    One :meth:`update` per pair. Every state is a fixed-shape sum (``dist_reduce_fx="sum"``), so ranks
+    merge by adding their states and a rank that scored no pair contributes zeros. With ``C``
+    categories and ``A`` alphas:
 
-    A pair with no keypoints has no PCK: it is left out of every mean and of ``num_pairs``, and
-    counted in ``num_empty_pairs`` (it needs no threshold inputs).
+    - ``num_pairs`` ``(C,)`` int64: pairs with at least one keypoint;
+    - ``percent_sum`` ``(C, A)`` float64: the sum over those pairs of the pair's percentage correct;
+    - ``correct`` ``(C, A)`` int64 and ``num_points`` ``(C,)`` int64: correct and scored keypoints;
+    - ``num_empty_pairs`` ``()`` int64: pairs without keypoints, which have no PCK and are left out of
+      every mean and of ``num_pairs`` (they need no threshold inputs).
 
+    :param categories: every category the pairs may have (e.g. the datamodule's
+        ``category_names``), the same on every rank.
     :param alphas: the alphas to report, each > 0.
     :param threshold: one of :data:`THRESHOLD_KINDS`, see :func:`threshold_size`.
     :param inclusive: count ``distance <= alpha * size`` as correct (official Hedlin, DIFT); ``False``
@@ -155,35 +135,59 @@ class PCK(Metric):
     higher_is_better = True
     is_differentiable = False
 
-    index: list[Tensor]
-    num_points: list[Tensor]
-    correct: list[Tensor]
-    category: list[Tensor]
+    num_pairs: Tensor
+    percent_sum: Tensor
+    correct: Tensor
+    num_points: Tensor
+    num_empty_pairs: Tensor
 
     def __init__(
         self,
+        categories: Sequence[str],
         alphas: Sequence[float] = (0.05, 0.1, 0.15),
         threshold: ThresholdKind = "bbox-target",
         inclusive: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if isinstance(categories, str):
+            raise ValueError(f"categories must be a list of names, got the string {categories!r}")
+        categories = tuple(categories)
+        if not categories or any(not isinstance(c, str) or not c for c in categories):
+            raise ValueError(
+                f"categories must be non-empty strings, at least one, got {categories}"
+            )
+        if len(set(categories)) != len(categories):
+            raise ValueError(f"categories must be distinct, got {categories}")
         alphas = tuple(float(a) for a in alphas)
         if not alphas or any(not a > 0 for a in alphas) or len(set(alphas)) != len(alphas):
             raise ValueError(f"alphas must be distinct positive numbers, got {alphas}")
         _check_kind(threshold)
+        self.categories = categories
+        self._category_row = {name: row for row, name in enumerate(categories)}
         self.alphas = alphas
         self.threshold = threshold
         self.inclusive = inclusive
-        for name in ("index", "num_points", "correct", "category"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
+        shape = (len(categories), len(alphas))
+        self.add_state("num_pairs", torch.zeros(len(categories), dtype=torch.long), "sum")
+        self.add_state("percent_sum", torch.zeros(shape, dtype=torch.float64), "sum")
+        self.add_state("correct", torch.zeros(shape, dtype=torch.long), "sum")
+        self.add_state("num_points", torch.zeros(len(categories), dtype=torch.long), "sum")
+        self.add_state("num_empty_pairs", torch.zeros((), dtype=torch.long), "sum")
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> Module:
+        """Move the states with the module, but keep ``percent_sum`` float64: ``module.to(dtype)``
+        (Lightning's ``*-true`` precisions) would round the sums."""
+        this = super()._apply(fn, exclude_state=(*exclude_state, "percent_sum"))
+        this.percent_sum = this.percent_sum.to(this.device)
+        this._defaults["percent_sum"] = this._defaults["percent_sum"].to(this.device)
+        return this
 
     def update(
         self,
         pred: Any,
         target: Any,
         *,
-        index: int,
         category: str,
         src_bbox: Any = None,
         trg_bbox: Any = None,
@@ -194,8 +198,7 @@ class PCK(Metric):
 
         :param pred: ``(N, 2)`` predicted target keypoints, (x, y) pixels of the scoring frame.
         :param target: ``(N, 2)`` ground-truth target keypoints in the same frame.
-        :param index: the pair's dataset index (dedupe key), an integer >= 0.
-        :param category: the pair's category name.
+        :param category: the pair's category, one of ``categories``.
         :param src_bbox, trg_bbox: ``[x1, y1, x2, y2]`` boxes in the scoring frame.
         :param trg_size: ``(w, h)`` of the target image in the scoring frame.
         :param threshold_size: the length alpha multiplies; when given it replaces the one computed
@@ -208,24 +211,15 @@ class PCK(Metric):
                 f"pred and target must have the same shape (N, 2), got {tuple(pred.shape)} "
                 f"and {tuple(target.shape)}"
             )
-        if isinstance(index, bool):
-            raise TypeError(f"index must be an integer, got {index!r}")
-        index = operator.index(index)
-        if index < 0:
-            raise ValueError(f"index must be >= 0, got {index}")
-        exact_in(self.dtype, index, "index")
-        exact_in(self.dtype, len(target), "number of keypoints")
-        if not isinstance(category, str) or not category or "\x00" in category:
-            raise ValueError(f"category must be a non-empty string without NUL, got {category!r}")
-        name = category.encode("utf-8")
-        if len(name) > MAX_CATEGORY_BYTES:
+        if not isinstance(category, str) or category not in self._category_row:
             raise ValueError(
-                f"category {category!r} is {len(name)} bytes in UTF-8; at most "
-                f"{MAX_CATEGORY_BYTES} are supported"
+                f"unknown category {category!r}; this PCK scores {list(self.categories)}"
             )
-        if len(target) == 0:
-            size = 1.0  # an empty pair scores nothing; no threshold is needed
-        elif threshold_size is None:
+        row = self._category_row[category]
+        if len(target) == 0:  # no PCK, so no threshold is needed
+            self.num_empty_pairs += 1
+            return
+        if threshold_size is None:
             size = _threshold_size(
                 self.threshold,
                 trg_kps=target,
@@ -241,57 +235,41 @@ class PCK(Metric):
         distance = torch.linalg.vector_norm(pred - target, dim=1)
         limits = torch.tensor(self.alphas, dtype=torch.float64)[:, None] * size
         hits = distance[None] <= limits if self.inclusive else distance[None] < limits
-
-        self.index.append(self._state([index]))
-        self.num_points.append(self._state([len(target)]))
-        self.correct.append(self._state(hits.sum(dim=1)))
-        self.category.append(self._state(list(name.ljust(MAX_CATEGORY_BYTES, b"\x00"))))
+        correct = hits.sum(dim=1)  # (A,)
+        self.num_pairs[row] += 1
+        self.num_points[row] += len(target)
+        self.correct[row] += correct.to(self.device)
+        self.percent_sum[row] += (100.0 * correct.double() / len(target)).to(self.device)
 
     def compute(self) -> dict[str, Any]:
         """PCK in percent.
 
         Returns ``{"pck": {alpha: mean over pairs}, "pck_point": {alpha: pooled over points},
         "per_category": {name: {alpha: mean over the category's pairs}}, "num_pairs", "num_points",
-        "num_empty_pairs"}``; alpha keys are strings such as ``"0.1"``, categories sorted by name.
+        "num_empty_pairs"}``; alpha keys are strings such as ``"0.1"``; ``per_category`` holds the
+        categories with at least one scored pair, sorted by name.
         """
-        if len(self.index) == 0:  # a list, or one tensor after a sync
+        num_pairs = int(self.num_pairs.sum())
+        num_empty = int(self.num_empty_pairs)
+        if num_pairs + num_empty == 0:
             raise RuntimeError("PCK.compute() called before any update: no pair was scored")
-        index = dim_zero_cat(self.index).long()
-        num_points = dim_zero_cat(self.num_points).long()
-        correct = dim_zero_cat(self.correct).double().view(len(index), len(self.alphas))
-        category = dim_zero_cat(self.category).long().view(len(index), MAX_CATEGORY_BYTES)
-
-        first = first_rows(index)
-        clash = (num_points != num_points[first]) | (category != category[first]).any(dim=1)
-        if clash.any():
-            raise ValueError(
-                f"PCK: dataset index {int(index[clash][0])} was scored twice with different "
-                "keypoint counts or categories; two different pairs share one index"
-            )
-        unique = first == torch.arange(len(index), device=index.device)
-        keep = unique & (num_points > 0)
-        names = [bytes(row).rstrip(b"\x00").decode("utf-8") for row in category[keep].tolist()]
-        num_points, correct = num_points[keep], correct[keep]
-        if not len(num_points):
+        if num_pairs == 0:
             raise RuntimeError("PCK.compute(): no scored pair has any keypoint")
-
-        per_pair = 100.0 * correct / num_points[:, None]
-        category_means = {}
-        for name in sorted(set(names)):
-            rows = torch.tensor([n == name for n in names], device=per_pair.device)
-            category_means[name] = self._by_alpha(per_pair[rows].mean(dim=0))
+        num_points = int(self.num_points.sum())
+        per_category = {
+            name: self._by_alpha(self.percent_sum[row] / self.num_pairs[row])
+            for name, row in sorted(self._category_row.items())
+            if self.num_pairs[row] > 0
+        }
         return {
-            "pck": self._by_alpha(per_pair.mean(dim=0)),
-            "pck_point": self._by_alpha(100.0 * correct.sum(dim=0) / num_points.sum()),
-            "per_category": category_means,
-            "num_pairs": len(num_points),
-            "num_points": int(num_points.sum()),
-            "num_empty_pairs": int(unique.sum()) - len(num_points),
+            "pck": self._by_alpha(self.percent_sum.sum(dim=0) / num_pairs),
+            "pck_point": self._by_alpha(100.0 * self.correct.sum(dim=0).double() / num_points),
+            "per_category": per_category,
+            "num_pairs": num_pairs,
+            "num_points": num_points,
+            "num_empty_pairs": num_empty,
         }
 
     def _by_alpha(self, values: Tensor) -> dict[str, float]:
         """``{"0.1": value, ...}`` from one value ``(A,)`` per alpha."""
         return {str(a): float(v) for a, v in zip(self.alphas, values.tolist(), strict=True)}
-
-    def _state(self, values: Sequence[float] | Tensor) -> Tensor:
-        return torch.as_tensor(values).to(device=self.device, dtype=self.dtype)

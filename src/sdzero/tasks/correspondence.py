@@ -10,6 +10,7 @@ times the x-axis scale only, defined in the resized frame).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,10 +58,13 @@ class CorrespondenceTask(Task):
 
     name = "correspondence"
 
-    def __init__(self, scoring: Scoring) -> None:
+    def __init__(self, scoring: Scoring, categories: Sequence[str]) -> None:
+        """``categories``: every category of the split (the datamodule's ``category_names``)."""
         self.scoring = scoring
         kind = "bbox-target" if scoring.threshold == XSCALE else scoring.threshold
-        self.metric = PCK(alphas=scoring.alphas, threshold=kind, inclusive=scoring.inclusive)
+        self.metric = PCK(
+            categories, alphas=scoring.alphas, threshold=kind, inclusive=scoring.inclusive
+        )
 
     def record(self, batch: dict[str, Any], prediction: torch.Tensor) -> dict[str, Any]:
         """``prediction``: ``(N, 2)`` target points in original target pixels."""
@@ -120,7 +124,6 @@ class CorrespondenceTask(Task):
         self.metric.update(
             pred,
             target,
-            index=record["index"],
             category=record["category"],
             threshold_size=record["threshold_size"],
         )

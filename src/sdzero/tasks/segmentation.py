@@ -88,7 +88,7 @@ class SegmentationTask(Task):
             if predictions is None:
                 raise ValueError("a reused segmentation record needs its predictions/ folder")
             prediction = read_mask(predictions / record["mask"])
-        self.metric.update(prediction, batch["label"], index=record["index"])
+        self.metric.update(prediction, batch["label"])
 
     def summary(self, computed: dict[str, Any]) -> dict[str, Any]:
         return {
