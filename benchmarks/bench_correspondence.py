@@ -27,7 +27,8 @@ import torch
 
 from benchmarks.common import Row, count_flops, synchronize, timed
 from sdzero.backbones.sd import load_stable_diffusion
-from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence, item_generator
+from sdzero.correspondence.fit_config import FitConfig
+from sdzero.correspondence.fitting import PromptCorrespondence, item_generator
 
 STEPS, RESTARTS, CROPS = 129, 5, 20  # the official defaults
 MODES = {

@@ -12,12 +12,8 @@ from sdzero.correspondence.crops import (
     random_crop_around,
     to_crop_frame,
 )
-from sdzero.correspondence.fitting import (
-    FitConfig,
-    PromptCorrespondence,
-    gaussian_targets,
-    item_generator,
-)
+from sdzero.correspondence.fit_config import FitConfig
+from sdzero.correspondence.fitting import PromptCorrespondence, gaussian_targets, item_generator
 from sdzero.tasks.frames import ModelFrame
 
 S = 128

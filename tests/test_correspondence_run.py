@@ -14,7 +14,8 @@ import torch
 
 from datamodules.synthetic_correspondence import SyntheticCorrespondenceDataModule
 from sdzero.config import compose
-from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
+from sdzero.correspondence.fit_config import FitConfig
+from sdzero.correspondence.fitting import PromptCorrespondence
 from sdzero.metrics.pck import PCK
 from sdzero.records import read_records
 from sdzero.runs import run_eval

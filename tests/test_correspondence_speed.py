@@ -7,13 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdzero.correspondence.fitting import (
-    EarlyStop,
-    FitConfig,
-    LatentCache,
-    PromptCorrespondence,
-    item_generator,
-)
+from sdzero.correspondence.early_stop import EarlyStop
+from sdzero.correspondence.fit_config import FitConfig
+from sdzero.correspondence.fitting import PromptCorrespondence, item_generator
+from sdzero.correspondence.latent_cache import LatentCache
 
 S = 128
 

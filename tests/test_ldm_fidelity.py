@@ -16,7 +16,8 @@ from safetensors import safe_open
 from sdzero.backbones import attention
 from sdzero.backbones.sd import load_stable_diffusion
 from sdzero.correspondence.crops import corner_crops, random_crop_around, to_crop_frame
-from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence, gaussian_targets
+from sdzero.correspondence.fit_config import FitConfig
+from sdzero.correspondence.fitting import PromptCorrespondence, gaussian_targets
 
 ROOT = Path(__file__).parent / "fixtures" / "ldm_tiny"
 TOL = 1e-5

@@ -10,7 +10,8 @@ import torch
 
 from datamodules.synthetic_correspondence import SyntheticCorrespondenceDataModule
 from sdzero.backbones.sd import WeightsNotFoundError, load_stable_diffusion
-from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
+from sdzero.correspondence.fit_config import FitConfig
+from sdzero.correspondence.fitting import PromptCorrespondence
 from sdzero.tasks.frames import ModelFrame
 
 pytestmark = pytest.mark.slow

@@ -25,8 +25,7 @@ noise as arguments so another implementation can be fed identical inputs and com
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,75 +39,10 @@ from sdzero.correspondence.crops import (
     random_crop_around,
     to_crop_frame,
 )
+from sdzero.correspondence.early_stop import EarlyStop
+from sdzero.correspondence.fit_config import AUTOCAST, FitConfig
+from sdzero.correspondence.latent_cache import Box, LatentCache
 from sdzero.seeding import keyed_generator
-
-Box = tuple[int, int, int]
-AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-GAUSSIAN_GRIDS = ("index", "center")
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Hyper-parameters of the fitting loop: each is a ``method.*`` key, and these defaults (the
-    official code's: SD 1.4, DDIM-50 grid, ``eval/eval.py``'s digits) are its only definition."""
-
-    steps: int = 129  # Adam steps per embedding
-    lr: float = 0.0023755632081200314  # Adam learning rate (the official digits of a tuned value)
-    num_embeddings: int = 5  # independent random restarts per query point (averaged at readout)
-    inference_crops: int = 20  # target crops per embedding: 4 corners, then around the argmax
-    layers: tuple[int | str, ...] = (7, 8, 9, 10)  # of the 16 cross-attention layers (or paths):
-    # up 16x16 x3 + first up 32x32 (the official "layers 5-8" of the maps with <= 32^2 queries)
-    heads: tuple[int, ...] | None = (4, 5, 6, 7)  # official quirk: attn[h // 2:]; None = all
-    sigma: float = 27.97853316316864  # Gaussian target std, px at S=512 (scaled with image_size)
-    gaussian_grid: str = "index"  # target at pixel indices 0..S-1 (official) | "center" (i + 0.5)
-    opt_timestep: int = 140  # t while optimising: timesteps[-8] of the DDIM-50 grid
-    infer_timestep: int = 40  # t at inference: the official code hard-codes timesteps[-3]
-    noise: str = "uniform"  # official quirk: torch.rand_like, U[0, 1) | "gaussian": N(0, 1)
-    crop_fraction: float = (
-        0.9316549294381423  # crop side / image side (official 93.165...%: 477 px)
-    )
-    crop_margin: float = 0.15  # the query stays >= this fraction of the crop side from its border
-    image_size: int = 512  # model frame side S
-    token: int = 1  # the conditioning token whose map is supervised and read
-    batch_size: int = 5  # (query, embedding) items per UNet call (bounds memory); 0 = all of a pair
-    truncate: bool = True  # stop the UNet after the last read layer (exact: same maps, same grads)
-    cache_latents: bool = True  # encode each distinct crop of an image once (exact)
-    # Options beyond exact, off by default (their measured effects: README, "Speed options"):
-    autocast: str | None = None  # "bf16" | "fp16" (GPU): UNet and VAE under torch.autocast
-    checkpointing: bool = False  # gradient checkpointing: less memory, one more partial forward
-    shared_crop: bool = False  # one crop per step for all restarts of a query point
-    early_stop_patience: int = 0  # > 0: an item stops after this many steps without improvement
-    early_stop_delta: float = 0.01  # relative improvement of the loss EMA that resets patience
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.num_embeddings < 1 or self.inference_crops < 1:
-            raise ValueError(
-                "method.steps >= 0, method.num_embeddings >= 1, method.inference_crops >= 1"
-            )
-        if self.inference_crops < 4 and self.inference_crops != 1:
-            raise ValueError(
-                "method.inference_crops must be 1 (one corner) or >= 4 (4 corners first)"
-            )
-        if self.image_size % 64:
-            raise ValueError(f"method.image_size must be a multiple of 64, got {self.image_size}")
-        if self.gaussian_grid not in GAUSSIAN_GRIDS:
-            raise ValueError(
-                f"method.gaussian_grid must be one of {GAUSSIAN_GRIDS}, got {self.gaussian_grid!r}"
-            )
-        if self.noise not in {"uniform", "gaussian"}:
-            raise ValueError(f"method.noise must be 'uniform' or 'gaussian', got {self.noise!r}")
-        if not 0 < self.crop_margin < 0.5:
-            raise ValueError(f"method.crop_margin must lie in (0, 0.5), got {self.crop_margin}")
-        if self.autocast not in AUTOCAST:
-            raise ValueError(
-                f"method.autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}"
-            )
-        if self.early_stop_patience < 0 or not 0 <= self.early_stop_delta < 1:
-            raise ValueError(
-                "method.early_stop_patience must be >= 0 and method.early_stop_delta in [0, 1), "
-                f"got {self.early_stop_patience}, {self.early_stop_delta}"
-            )
-        crop_size(self.image_size, self.crop_fraction)
 
 
 def gaussian_targets(
@@ -130,67 +64,6 @@ def gaussian_targets(
 def item_generator(seed: int, sample_index: int, point: int, embedding: int) -> torch.Generator:
     """The random stream of one (sample, query point, embedding) item, independent of batching."""
     return keyed_generator(int(seed), int(sample_index), int(point), int(embedding))
-
-
-class LatentCache:
-    """VAE latents of square crops of one image, each distinct box encoded once.
-
-    Exact: the encoder is deterministic (posterior mean), so a cached latent is the one a fresh
-    encode would give (up to batch-size-dependent float rounding). The four corner crops of a target
-    are shared by every item, and the crops of the source recur across steps, restarts and query
-    points (at 512 px there are at most 36² distinct crop offsets).
-    """
-
-    def __init__(self, encode: Callable[[list[Box]], torch.Tensor], enabled: bool = True) -> None:
-        self.encode = encode
-        self.enabled = enabled
-        self.store: dict[Box, torch.Tensor] = {}
-        self.hits = 0
-        self.misses = 0
-
-    def __call__(self, boxes: Sequence[Box]) -> torch.Tensor:
-        """``(len(boxes), 4, S/8, S/8)``; the missing distinct boxes are encoded in one batch.
-        Disabled, nothing is kept between calls (a box repeated within one call is still encoded
-        once)."""
-        if not self.enabled:
-            self.store = {}
-        missing = list(dict.fromkeys(b for b in boxes if b not in self.store))
-        if missing:
-            for box, latent in zip(missing, self.encode(missing), strict=True):
-                self.store[box] = latent
-        self.misses += len(missing)
-        self.hits += len(boxes) - len(missing)
-        return torch.stack([self.store[b] for b in boxes])
-
-
-class EarlyStop:
-    """Per-item early stopping on a noisy loss: an exponential moving average (0.9) of each item's
-    loss; an item stops after ``patience`` consecutive steps in which the EMA did not fall below
-    ``(1 - delta)`` times the EMA of its last significant improvement."""
-
-    def __init__(self, items: int, patience: int, delta: float) -> None:
-        self.patience = patience
-        self.delta = delta
-        self.ema = torch.full((items,), float("nan"))
-        self.best = torch.full((items,), float("inf"))
-        self.stale = torch.zeros(items, dtype=torch.long)
-        self.steps = torch.zeros(items, dtype=torch.long)
-
-    def active(self) -> list[int]:
-        if self.patience == 0:
-            return list(range(len(self.stale)))
-        return torch.nonzero(self.stale < self.patience).flatten().tolist()
-
-    def update(self, items: Sequence[int], losses: torch.Tensor) -> None:
-        idx = torch.as_tensor(list(items), dtype=torch.long)
-        loss = losses.detach().float().cpu()
-        prev = self.ema[idx]
-        ema = torch.where(prev.isnan(), loss, 0.9 * prev + 0.1 * loss)
-        self.ema[idx] = ema
-        improved = ema < self.best[idx] * (1 - self.delta)
-        self.best[idx] = torch.where(improved, ema, self.best[idx])
-        self.stale[idx] = torch.where(improved, 0, self.stale[idx] + 1)
-        self.steps[idx] += 1
 
 
 class PromptCorrespondence:

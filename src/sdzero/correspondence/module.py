@@ -9,7 +9,8 @@ import torch
 
 from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.correspondence.base import CorrespondenceModule, ScoringSettings
-from sdzero.correspondence.fitting import FitConfig, PromptCorrespondence
+from sdzero.correspondence.fit_config import FitConfig
+from sdzero.correspondence.fitting import PromptCorrespondence
 from sdzero.settings import build_settings
 
 
