@@ -1,4 +1,5 @@
-"""Sharding over 2 processes (gloo), resume after SIGKILL, offline W&B: through the real CLI."""
+"""Resume after SIGKILL, run-folder refusals, offline W&B: through the real CLI (2 processes and
+resume for every method: tests/test_method_contract.py)."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 import time
 
 import pytest
-from cli_runs import DDP2, eval_ok, metrics, records_per_rank, sdzero, sdzero_env
+from cli_runs import eval_ok, metrics, sdzero, sdzero_env
 from wandb_offline import logged_values
 
 from sdzero.records import read_records
@@ -23,31 +24,11 @@ COMMON = [
 ]
 
 
-def _records(run_dir):
-    out = {}
-    for path in sorted((run_dir / "predictions").glob("*.jsonl")):
-        for r in read_records(path):
-            out.setdefault(r["index"], r)
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "run"
     eval_ok("demo_correspondence", out, *COMMON)
     return out
-
-
-def test_two_processes_evaluate_every_sample_once(reference, tmp_path):
-    out = tmp_path / "ddp"
-    res = eval_ok("demo_correspondence", out, *COMMON, *DDP2)
-    assert records_per_rank(out) == {"rank0.jsonl": 2, "rank1.jsonl": 1}  # no padding repeats
-    assert metrics(out) == metrics(reference)
-    ref = _records(reference)
-    got = _records(out)
-    assert sorted(got) == [0, 1, 2]
-    assert all(got[i]["pred_kps"] == ref[i]["pred_kps"] for i in got)
-    assert res.stdout.count("num_pairs") == 1  # only rank 0 prints the table
 
 
 def test_sigkill_then_resume_ends_with_the_uninterrupted_metrics(reference, tmp_path):

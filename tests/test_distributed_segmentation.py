@@ -1,4 +1,5 @@
-"""Segmentation across 2 processes, resume from records, concurrent prototype-cache builders."""
+"""Segmentation: concurrent prototype-cache builders, offline W&B (2 processes and resume: the method
+contract suite, tests/test_method_contract.py)."""
 
 import hashlib
 import json
@@ -6,43 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from cli_runs import DDP2, eval_ok, metrics, records_per_rank, sdzero
+from cli_runs import sdzero
 from wandb_offline import artifact_types, logged_values
 
 from datamodules.synthetic_segmentation import write_synthetic_voc
 
 COMMON = ["data.num_images=5", "logger=none", "trainer.enable_progress_bar=false"]  # odd count
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seg1") / "run"
-    eval_ok("demo_segmentation", out, *COMMON)
-    return out
-
-
-def test_two_processes_give_the_one_process_metrics(reference, tmp_path):
-    out = tmp_path / "ddp"
-    eval_ok("demo_segmentation", out, *COMMON, *DDP2)
-    assert records_per_rank(out) == {"rank0.jsonl": 3, "rank1.jsonl": 2}
-    assert metrics(out) == metrics(reference)
-    assert metrics(out)["num_images"] == 5
-
-
-def test_resume_redoes_only_the_missing_images(reference, tmp_path):
-    out = tmp_path / "resumed"
-    res = sdzero("eval", "demo_segmentation", f"output_dir={out}", *COMMON, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    records = out / "predictions" / "rank0.jsonl"
-    lines = records.read_text().splitlines()
-    lost = [json.loads(line) for line in lines[3:]]
-    records.write_text("\n".join(lines[:3]) + "\n" + lines[3][: len(lines[3]) // 2])  # torn line
-    (out / "predictions" / lost[-1]["mask"]).unlink()
-    (out / "metrics.json").unlink()
-    res = sdzero("eval", "demo_segmentation", f"resume={out}", *COMMON, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 samples evaluated" in res.stderr and "3 reused from records" in res.stderr
-    assert metrics(out) == metrics(reference)
 
 
 def test_concurrent_prototype_builds_leave_a_valid_cache(tmp_path):

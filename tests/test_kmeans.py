@@ -7,13 +7,9 @@ from sklearn.cluster import KMeans
 
 import sdzero.segmentation.prototypes as prototypes_module
 from sdzero.segmentation.features import ColourExtractor
-from sdzero.segmentation.kmeans import (
-    _kmeans_plus_plus,
-    _lloyd,
-    _Points,
-    feature_mixture,
-    kmeans,
-)
+from sdzero.segmentation.kmeans import _kmeans_plus_plus, feature_mixture, kmeans
+from sdzero.segmentation.kmeans_points import Points
+from sdzero.segmentation.lloyd import lloyd
 from sdzero.segmentation.module import OVDiffModule
 from sdzero.segmentation.prototypes import (
     KMEANS_SAMPLE,
@@ -73,8 +69,8 @@ def test_more_inits_never_worse():
 def test_empty_cluster_takes_the_farthest_point():
     x = torch.tensor([[0.0], [0.1], [0.2], [10.0], [10.1], [13.0]])
     # The third centre is far from everything, so its cluster starts empty.
-    points = _Points(x, None, 1024, None, 1)
-    result = _lloyd(points, torch.tensor([[0.1], [10.0], [1000.0]]), 10, 0.0)
+    points = Points(x, None, 1024, None, 1)
+    result = lloyd(points, torch.tensor([[0.1], [10.0], [1000.0]]), 10, 0.0)
     assert torch.isfinite(result.centres).all()
     assert sorted(torch.bincount(result.labels, minlength=3).tolist()) == [1, 2, 3]
     assert sorted(result.centres.flatten().tolist()) == pytest.approx([0.1, 10.05, 13.0])
@@ -134,9 +130,9 @@ def test_bounded_lloyd_matches_naive_lloyd():
     # Overlapping clusters: many iterations that move a few points, where the bounds skip most.
     x = feature_mixture(3000, 32, seed=1)
     x = x - x.mean(0)
-    points = _Points(x, None, 128, None, 1)  # 24 chunks
+    points = Points(x, None, 128, None, 1)  # 24 chunks
     init = _kmeans_plus_plus(points, 16, torch.Generator().manual_seed(0))
-    ours = _lloyd(points, init, 300, 0.0)
+    ours = lloyd(points, init, 300, 0.0)
     labels, centres = _naive_lloyd(x, init)
     assert ours.n_iter > 10
     assert torch.equal(ours.labels, labels)
@@ -162,7 +158,7 @@ def test_inertia_of_tight_far_apart_clusters_is_summed_directly():
     g = torch.Generator().manual_seed(7)
     centres = 1000 * torch.randn(5, 8, generator=g)
     x = centres.repeat_interleave(40, 0) + 1e-3 * torch.randn(200, 8, generator=g)
-    result = _lloyd(_Points(x, None, 64, None, 1), x[::40].clone(), 10, 0.0)
+    result = lloyd(Points(x, None, 64, None, 1), x[::40].clone(), 10, 0.0)
     direct = ((x.double() - result.centres.double()[result.labels]) ** 2).sum().item()
     assert result.inertia == pytest.approx(direct, rel=1e-6)
 

@@ -10,13 +10,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from sdzero.backbones.clip_text import build_clip_classifier
-from sdzero.backbones.vit import (
-    ViTFeatureExtractor,
-    WeightsNotFoundError,
-    build_vit_extractor,
-    interpolate_pos_embed,
-    load_backbone_model,
-)
+from sdzero.backbones.errors import WeightsNotFoundError
+from sdzero.backbones.vit import interpolate_pos_embed, load_backbone_model
+from sdzero.backbones.vit_features import ViTFeatureExtractor, build_vit_extractor
 
 IMAGENET = (
     torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1),

@@ -135,12 +135,7 @@ class TaskMetrics(pl.Callback):
         if trainer.world_size > 1:
             stats = pl_module.all_gather(stats.to(pl_module.device)).reshape(-1, 2).sum(0).cpu()
         seconds_per_sample = float(stats[0] / max(stats[1], 1.0))
-        summary = task.summary({**computed, "seconds_per_sample": seconds_per_sample})
-        datamodule = trainer.datamodule
-        summary.update(
-            dataset=getattr(datamodule, "dataset_name", type(datamodule).__name__),
-            split_size=int(getattr(datamodule, "split_size", -1)),
-        )
+        summary = summarise(task, computed, seconds_per_sample, trainer.datamodule)
         if getattr(pl_module, "random_weights", False):
             summary["warning"] = RANDOM_WEIGHTS_WARNING
         self.metrics = summary
@@ -156,6 +151,17 @@ class TaskMetrics(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if getattr(pl_module, "random_weights", False):
             log.warning(RANDOM_WEIGHTS_WARNING)
+
+
+def summarise(task: Any, computed: dict[str, Any], seconds: float | None, datamodule: Any) -> dict:
+    """The ``metrics.json`` object: the task's summary of ``metric.compute()`` plus the dataset's
+    name and split size (``seconds``: mean per sample, or None when not measured)."""
+    summary = task.summary({**computed, "seconds_per_sample": seconds})
+    summary.update(
+        dataset=getattr(datamodule, "dataset_name", type(datamodule).__name__),
+        split_size=int(getattr(datamodule, "split_size", -1)),
+    )
+    return summary
 
 
 class Visuals(pl.Callback):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from sdzero.errors import ConfigError  # defined there so that every layer can raise it
 
@@ -210,7 +211,15 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
     _check_known(cfg, leaf_keys(exp_cfg), f"experiment {experiment!r}")
     cfg = OmegaConf.merge(cfg, exp_cfg)
     _check_known(cfg, _dotlist_keys(dotlist), "the command line")
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([d.lstrip("+") for d in dotlist]))
+    for item in dotlist:  # one at a time, so that a value of the wrong shape names its key
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item.lstrip("+")]))
+        except (TypeError, ValueError, OmegaConfBaseException) as err:
+            key, value = item.lstrip("+").split("=", 1)
+            raise ConfigError(
+                f"{key}={value}: this value cannot replace the key's current value "
+                f"({OmegaConf.select(cfg, key)!r}): {str(err).splitlines()[0]}"
+            ) from err
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(

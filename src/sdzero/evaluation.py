@@ -9,11 +9,24 @@ score it and summarise the run. Methods never read or write files.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 
 from sdzero.tasks import Task
+
+
+@dataclass(frozen=True)
+class SmokeTest:
+    """How the method contract suite (``tests/test_method_contract.py``) runs a method test-sized:
+    ``experiment`` (synthetic data, tiny backbone) with ``overrides`` that make it small, and
+    ``batching``: override sets that change only how work is batched (each must give the
+    reference run's records exactly)."""
+
+    experiment: str
+    overrides: tuple[str, ...] = ()
+    batching: tuple[tuple[str, ...], ...] = ()
 
 
 class EvaluationModule(pl.LightningModule):
@@ -23,7 +36,12 @@ class EvaluationModule(pl.LightningModule):
     (set by :class:`~sdzero.callbacks.PredictionRecords` on resume): they are not predicted again,
     their record is passed on with ``prediction=None``. ``random_weights`` is set by a method
     whose backbone has random weights (the summary then carries a loud warning).
+
+    A method registers by a ``configs/method/<name>.yaml`` naming it and declares ``smoke_test``,
+    which the contract suite runs (batching, DDP, resume, recomputable metrics, early errors).
     """
+
+    smoke_test: ClassVar[SmokeTest | None] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,6 +59,16 @@ class EvaluationModule(pl.LightningModule):
     def task(self, task: Task) -> None:
         self._task = task
         self.metric = task.metric  # a child module: moved to the device, synced by Lightning
+
+    def make_task(self, datamodule: Any) -> Task:
+        """The task scoring this method on ``datamodule`` (cheap: loads no model; a
+        :class:`~sdzero.errors.ConfigError` if the datamodule is of the wrong kind)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str) -> None:
+        """Under a Trainer's test loop, build the task (subclasses then load their models)."""
+        if self._trainer is not None and stage == "test":
+            self.task = self.make_task(self.trainer.datamodule)
 
     def predict(self, batch: dict[str, Any]) -> Any:
         """The method's prediction for one sample (the form its task expects)."""

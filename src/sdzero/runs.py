@@ -303,6 +303,31 @@ def retire_stale_evaluation(run_dir: Path, checkpoint: Path) -> None:
     write_json_atomic(stamp, {"checkpoint": str(checkpoint.relative_to(run_dir)), "sha256": digest})
 
 
+def recompute_metrics(run_dir: str | Path) -> dict[str, Any]:
+    """The ``metrics.json`` object of a run folder recomputed from its records alone (its
+    ``config.yaml``, the dataset's annotations, the records and their artifacts; no model is
+    loaded), without the timing key."""
+    from omegaconf import OmegaConf
+
+    from sdzero.callbacks import predictions_dir, summarise
+    from sdzero.records import read_records
+
+    run_dir = Path(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    datamodule = instantiate(cfg.data, key="data")
+    datamodule.setup("test")
+    task = build_method(cfg).make_task(datamodule)
+    folder = predictions_dir(run_dir)
+    records: dict[int, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        for record in read_records(path):
+            records.setdefault(record["index"], record)
+    for index in sorted(records):
+        task.update(records[index], datamodule.dataset[index], None, folder)
+    summary = summarise(task, task.metric.compute(), None, datamodule)
+    return {k: v for k, v in summary.items() if v is not None}
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A small plain-text table of the headline numbers of a ``metrics.json`` object."""
     rows: list[tuple[str, str]] = []

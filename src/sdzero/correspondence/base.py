@@ -73,17 +73,14 @@ class CorrespondenceModule(EvaluationModule):
 
     settings: Any
 
-    def setup(self, stage: str) -> None:
-        """Under a Trainer's test loop, build the task over the datamodule's ``category_names``
-        (``sdzero match`` runs without one and needs no metric)."""
-        if self._trainer is not None and stage == "test":
-            datamodule = self.trainer.datamodule
-            if not hasattr(datamodule, "category_names"):
-                raise ConfigError(
-                    f"{type(self).__name__} needs a keypoint-pair datamodule; "
-                    f"{type(datamodule).__name__} lacks category_names"
-                )
-            self.task = CorrespondenceTask(self.settings.scoring(), datamodule.category_names)
+    def make_task(self, datamodule: Any) -> CorrespondenceTask:
+        """PCK over the datamodule's ``category_names`` with the settings' scoring."""
+        if not hasattr(datamodule, "category_names"):
+            raise ConfigError(
+                f"{type(self).__name__} needs a keypoint-pair datamodule; "
+                f"{type(datamodule).__name__} lacks category_names"
+            )
+        return CorrespondenceTask(self.settings.scoring(), datamodule.category_names)
 
     def frame(self, image: torch.Tensor) -> ModelFrame:
         """The model frame of a ``(3, H, W)`` image."""

@@ -30,6 +30,7 @@ from sdzero.correspondence.matching import (
     similarity,
 )
 from sdzero.errors import ConfigError
+from sdzero.evaluation import SmokeTest
 from sdzero.settings import build_settings
 
 
@@ -75,6 +76,7 @@ class ConvMatcher(FeatureMatching):
 
     settings_class = ConvMatcherSettings
     monitor = ("val/loss", "min")
+    smoke_test = SmokeTest("demo_train", ("data.num_pairs=3",))
 
     def __init__(self, backbone: Any = None, seed: int = 0, **settings: Any) -> None:
         super().__init__()
@@ -82,6 +84,7 @@ class ConvMatcher(FeatureMatching):
         torch.manual_seed(int(seed))  # the initial weights depend on the run seed only
         self.net = conv_net(self.settings.channels)
         self.loaded = False
+        self.random_weights = not self.settings.checkpoint  # evaluated untrained: meaningless
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

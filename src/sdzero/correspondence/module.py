@@ -11,6 +11,7 @@ from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.correspondence.base import CorrespondenceModule, ScoringSettings
 from sdzero.correspondence.fit_config import FitConfig
 from sdzero.correspondence.fitting import PromptCorrespondence
+from sdzero.evaluation import SmokeTest
 from sdzero.settings import build_settings
 
 
@@ -30,6 +31,16 @@ class PromptCorrespondenceModule(CorrespondenceModule):
     :class:`CorrespondenceSettings` (the single source of their defaults)."""
 
     settings_class = CorrespondenceSettings
+    smoke_test = SmokeTest(
+        "demo_correspondence",
+        (
+            "data.num_pairs=3",
+            "method.steps=2",
+            "method.num_embeddings=2",
+            "method.inference_crops=4",
+        ),
+        batching=(("method.batch_size=1",), ("method.batch_size=0", "method.cache_latents=false")),
+    )
 
     def __init__(self, backbone: dict[str, Any], seed: int = 0, **settings: Any) -> None:
         super().__init__()

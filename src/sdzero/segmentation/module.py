@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from sdzero.errors import ConfigError
-from sdzero.evaluation import EvaluationModule
+from sdzero.evaluation import EvaluationModule, SmokeTest
 from sdzero.segmentation.features import SDQueryExtractor, build_extractor
 from sdzero.segmentation.filters import ClipFilter, clip_filter_dtype
 from sdzero.segmentation.inference import PrototypeBank, Segmenter
@@ -46,6 +46,9 @@ class OVDiffModule(EvaluationModule):
     ``dtype``); ``seed``: the run's top-level seed (the official draws use fixed seeds)."""
 
     settings_class = OVDiffSettings
+    smoke_test = SmokeTest(
+        "demo_segmentation", ("data.num_images=3",), batching=(("method.window_batch=1",),)
+    )
 
     def __init__(
         self,
@@ -211,8 +214,8 @@ class OVDiffModule(EvaluationModule):
         return self.segmenter
 
     # -------------------------------------------------------------------------- Lightning
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
+    def make_task(self, datamodule: Any) -> SegmentationTask:
+        """mIoU over the datamodule's label space."""
         missing = [
             a
             for a in ("class_names", "prompt_names", "ignore_index", "background_index", "stuff")
@@ -222,8 +225,7 @@ class OVDiffModule(EvaluationModule):
             raise ConfigError(
                 f"OVDiff needs a segmentation datamodule; {type(datamodule).__name__} lacks {missing}"
             )
-        self.class_names = list(datamodule.class_names)
-        self.task = SegmentationTask(self.class_names, datamodule.ignore_index)
+        return SegmentationTask(list(datamodule.class_names), datamodule.ignore_index)
 
     def on_test_start(self) -> None:
         datamodule = self.trainer.datamodule
