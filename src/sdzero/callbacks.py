@@ -145,7 +145,8 @@ class TaskMetrics(pl.Callback):
             flat = {k: v for k, v in _flatten(summary).items() if isinstance(v, (int, float))}
             pl_module.logger.log_metrics(flat)
             if _is_wandb(pl_module.logger):
-                _log_tables(pl_module.logger, summary)
+                for key, (columns, rows) in task.tables(summary).items():
+                    pl_module.logger.log_table(key=key, columns=columns, data=rows)
         task.metric.reset()
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -205,18 +206,6 @@ def evaluation_callbacks(run_dir: str | Path | None, visuals: int = 0) -> list[p
 
 def _is_wandb(logger: Any) -> bool:
     return type(logger).__name__ == "WandbLogger"
-
-
-def _log_tables(logger: Any, summary: dict[str, Any]) -> None:
-    """Per-category / per-class results as W&B tables (one row per name)."""
-    for key in ("per_category", "per_class_iou"):
-        table = summary.get(key)
-        if not table:
-            continue
-        first = next(iter(table.values()))
-        columns = ["name", *(first.keys() if isinstance(first, dict) else ["iou"])]
-        rows = [[name, *(v.values() if isinstance(v, dict) else [v])] for name, v in table.items()]
-        logger.log_table(key=key, columns=columns, data=rows)
 
 
 def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:

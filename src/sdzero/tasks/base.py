@@ -43,6 +43,10 @@ class Task:
         """The task's ``metrics.json`` keys from ``metric.compute()`` plus ``seconds_per_sample``."""
         raise NotImplementedError
 
+    def tables(self, summary: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        """Logger tables of a summary: ``{key: (columns, rows)}`` (W&B tables)."""
+        return {}
+
     def visual(
         self, record: dict[str, Any], batch: dict[str, Any], prediction: Any
     ) -> Image.Image | None:

@@ -141,6 +141,12 @@ class CorrespondenceTask(Task):
             "seconds_per_pair": computed["seconds_per_sample"],
         }
 
+    def tables(self, summary: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        """``per_category``: one row per category, one column per alpha."""
+        alphas = [str(a) for a in self.scoring.alphas]
+        rows = [[name, *(v[a] for a in alphas)] for name, v in summary["per_category"].items()]
+        return {"per_category": (["name", *alphas], rows)}
+
     def visual(self, record: dict[str, Any], batch: dict[str, Any], prediction: Any) -> Image.Image:
         from sdzero.tasks.viz import draw_matches
 

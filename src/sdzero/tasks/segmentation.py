@@ -102,6 +102,15 @@ class SegmentationTask(Task):
             "seconds_per_image": computed["seconds_per_sample"],
         }
 
+    def tables(self, summary: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        """``per_class_iou``: one row per class."""
+        return {
+            "per_class_iou": (
+                ["name", "iou"],
+                [[k, v] for k, v in summary["per_class_iou"].items()],
+            )
+        }
+
     def visual(
         self, record: dict[str, Any], batch: dict[str, Any], prediction: torch.Tensor
     ) -> Image.Image:
