@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -24,13 +25,16 @@ from safetensors.torch import save_file  # noqa: E402
 from sd1_layers import SD1_CROSS_ATTENTION
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
+import sdzero.backbones.architectures as architectures  # noqa: E402
 from sdzero.backbones.architectures import (  # noqa: E402
-    ARCHITECTURES,
     SCHEDULER_CONFIG,
+    architecture_names,
     default_hub_id,
     get_architecture,
     matching_architectures,
+    register_architecture,
 )
+from sdzero.backbones.errors import UnsupportedArchitectureError  # noqa: E402
 from sdzero.backbones.sd import (  # noqa: E402
     StableDiffusion,
     WeightsNotFoundError,
@@ -118,7 +122,7 @@ def test_tiny_has_the_sd1_layer_topology(tiny):
 
 
 def test_architecture_names_hub_ids_and_topology_matching():
-    assert ARCHITECTURES == ("sd14", "sd15", "sd21-base", "tiny")
+    assert architecture_names() == ("sd14", "sd15", "sd21-base", "tiny")
     assert default_hub_id("sd14") == "CompVis/stable-diffusion-v1-4"
     assert default_hub_id("sd15") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert default_hub_id("sd21-base") == "stabilityai/stable-diffusion-2-1-base"
@@ -202,6 +206,37 @@ def test_folder_architecture_is_inferred_or_checked(tiny_folder):
     assert load_stable_diffusion(str(tiny_folder)).arch == "tiny"
     with pytest.raises(ValueError, match=r"not architecture 'sd15'"):
         load_stable_diffusion(str(tiny_folder), "sd15")
+
+
+def test_a_registered_architecture_builds_and_sdxl_is_a_clear_user_error(
+    tiny_folder, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(architectures, "_REGISTRY", dict(architectures._REGISTRY))
+    tiny = get_architecture("tiny")
+    widths = (32, 64, 64, 64)
+    wide = register_architecture(
+        replace(tiny, name="tiny-wide", unet={**tiny.unet, "block_out_channels": widths})
+    )
+    assert architecture_names()[-1] == "tiny-wide"
+    model = load_stable_diffusion(None, "tiny-wide")
+    assert model.arch == "tiny-wide" and model.unet.config.block_out_channels == widths
+    assert matching_architectures(wide.unet) == ["tiny-wide"]
+    with pytest.raises(ValueError, match="'tiny' is already registered"):
+        register_architecture(tiny)
+    register_architecture(replace(tiny, name="sdxl-like", family="sdxl", text_encoder_2={}))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'sdxl-like' is a 'sdxl' archit"):
+        load_stable_diffusion(None, "sdxl-like")
+    # A folder whose UNet asks for added_cond_kwargs (SDXL's) fails before any weight loads.
+    folder = tmp_path / "sdxl"
+    shutil.copytree(tiny_folder, folder)
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+    config = folder / "unet" / "config.json"
+    added = '"addition_embed_type": "text_time"'
+    config.write_text(config.read_text().replace('"addition_embed_type": null', added))
+    with pytest.raises(UnsupportedArchitectureError, match=r"addition_embed_type='text_time'"):
+        load_stable_diffusion(str(folder))
+    assert issubclass(UnsupportedArchitectureError, NotImplementedError)
 
 
 def test_incomplete_folder_names_what_is_missing(tmp_path, tiny_folder):

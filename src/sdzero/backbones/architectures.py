@@ -16,11 +16,10 @@ Config values follow the hub ``config.json`` files of the default hub ids. One i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from sdzero.backbones.errors import UnsupportedArchitectureError
 from sdzero.errors import ConfigError
-
-ARCHITECTURES: tuple[str, ...] = ("sd14", "sd15", "sd21-base", "tiny")
 
 # DDPM training schedule shared by every SD 1.x/2.x model (1000 steps, "scaled_linear" betas).
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -77,6 +76,11 @@ class Architecture:
     ``unet`` -> ``UNet2DConditionModel(**unet)``, ``vae`` -> ``AutoencoderKL(**vae)``,
     ``text_encoder`` -> ``CLIPTextModel(CLIPTextConfig(**text_encoder))``; ``pad_token`` is the
     tokenizer's padding token; ``hub_id`` the weights this architecture stands for (None for tiny).
+
+    ``family`` leaves room for SDXL: an ``"sdxl"`` architecture would add ``text_encoder_2`` (its
+    second, projected text encoder) and need ``added_cond_kwargs`` (pooled text embedding and
+    size/crop time ids) in every UNet call. Only ``"sd"`` (SD 1.x/2.x) is built today; asking for
+    another family raises :class:`~sdzero.backbones.errors.UnsupportedArchitectureError`.
     """
 
     name: str
@@ -85,6 +89,24 @@ class Architecture:
     text_encoder: dict[str, Any]
     pad_token: str
     hub_id: str | None
+    family: Literal["sd", "sdxl"] = "sd"
+    text_encoder_2: dict[str, Any] | None = None
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register_architecture(spec: Architecture, *, replace: bool = False) -> Architecture:
+    """Add ``spec`` under ``spec.name`` (``ValueError`` if the name is taken, unless ``replace``)."""
+    if spec.name in _REGISTRY and not replace:
+        raise ValueError(f"Stable Diffusion architecture {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def architecture_names() -> tuple[str, ...]:
+    """The registered architecture names, in registration order."""
+    return tuple(_REGISTRY)
 
 
 _SD1_TEXT = {
@@ -98,20 +120,24 @@ _SD1_TEXT = {
     "pad_token_id": 49407,
 }
 
-_ARCHS: dict[str, Architecture] = {
-    "sd14": Architecture(
+register_architecture(
+    Architecture(
         "sd14", _SD1_UNET, _SD_VAE, _SD1_TEXT, "<|endoftext|>", "CompVis/stable-diffusion-v1-4"
-    ),
-    # The hub id moved from runwayml/stable-diffusion-v1-5 (removed) to this organisation.
-    "sd15": Architecture(
+    )
+)
+# The hub id moved from runwayml/stable-diffusion-v1-5 (removed) to this organisation.
+register_architecture(
+    Architecture(
         "sd15",
         _SD1_UNET,
         _SD_VAE,
         _SD1_TEXT,
         "<|endoftext|>",
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    ),
-    "sd21-base": Architecture(
+    )
+)
+register_architecture(
+    Architecture(
         "sd21-base",
         {
             **_SD1_UNET,
@@ -133,8 +159,10 @@ _ARCHS: dict[str, Architecture] = {
         },
         "!",
         "stabilityai/stable-diffusion-2-1-base",
-    ),
-    "tiny": Architecture(
+    )
+)
+register_architecture(
+    Architecture(
         "tiny",
         {
             **_SD1_UNET,
@@ -162,8 +190,9 @@ _ARCHS: dict[str, Architecture] = {
         },
         "<|endoftext|>",
         None,
-    ),
-}
+    )
+)
+
 
 # UNet config keys that tell the architectures apart (and that weights must agree with).
 _TOPOLOGY_KEYS = (
@@ -177,12 +206,33 @@ _TOPOLOGY_KEYS = (
 
 def get_architecture(name: str) -> Architecture:
     """The named architecture; :class:`ConfigError` listing the names for an unknown one."""
-    if name not in _ARCHS:
+    if name not in _REGISTRY:
         raise ConfigError(
             f"backbone.arch={name!r} is not a Stable Diffusion architecture; expected one of "
-            f"{list(ARCHITECTURES)}"
+            f"{list(architecture_names())}"
         )
-    return _ARCHS[name]
+    return _REGISTRY[name]
+
+
+def check_buildable(spec: Architecture) -> None:
+    """Raise :class:`UnsupportedArchitectureError` unless sdzero builds ``spec``'s family."""
+    if spec.family != "sd":
+        raise UnsupportedArchitectureError(
+            f"backbone.arch={spec.name!r} is a {spec.family!r} architecture: its second text "
+            "encoder and the added_cond_kwargs of its UNet are not supported yet; expected an "
+            "SD 1.x/2.x architecture"
+        )
+
+
+def check_unet_config(unet_config: Any, weights: str) -> None:
+    """Raise :class:`UnsupportedArchitectureError` for a UNet that needs added conditioning
+    (SDXL's ``addition_embed_type="text_time"``), which the SD 1.x/2.x path cannot feed."""
+    added = unet_config.get("addition_embed_type")
+    if added is not None:
+        raise UnsupportedArchitectureError(
+            f"weights {weights!r} have a UNet with addition_embed_type={added!r} (SDXL-style "
+            "added_cond_kwargs), which is not supported yet; expected SD 1.x/2.x weights"
+        )
 
 
 def default_hub_id(arch: str) -> str:
@@ -206,4 +256,4 @@ def unet_topology(unet_config: Any) -> dict[str, Any]:
 def matching_architectures(unet_config: Any) -> list[str]:
     """Names whose UNet topology equals that of ``unet_config`` (sd14 and sd15 match together)."""
     topology = unet_topology(unet_config)
-    return [name for name in ARCHITECTURES if unet_topology(_ARCHS[name].unet) == topology]
+    return [name for name, spec in _REGISTRY.items() if unet_topology(spec.unet) == topology]

@@ -11,3 +11,8 @@ class WeightsNotFoundError(UserError, FileNotFoundError):
 class WeightsFormatError(UserError, ValueError):
     """Weights were found but cannot be used: not a checkpoint of the expected format, or not of
     the architecture ``backbone.arch`` names; the message names the file and what was expected."""
+
+
+class UnsupportedArchitectureError(UserError, NotImplementedError):
+    """The architecture asked for is known but not built yet (e.g. SDXL: two text encoders and
+    ``added_cond_kwargs``); the message names it and what is supported."""

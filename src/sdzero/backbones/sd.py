@@ -29,9 +29,11 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdzero.backbones.architectures import (
-    ARCHITECTURES,
     SCHEDULER_CONFIG,
     Architecture,
+    architecture_names,
+    check_buildable,
+    check_unet_config,
     get_architecture,
     matching_architectures,
     unet_topology,
@@ -239,8 +241,11 @@ def load_stable_diffusion(
     if kind in ("random", "file") and spec is None:
         what = "random weights (weights=None)" if kind == "random" else f"single file {location}"
         raise ConfigError(
-            f"{what} need an architecture to build the models; pass arch=one of {list(ARCHITECTURES)}"
+            f"{what} need an architecture to build the models; pass arch=one of "
+            f"{list(architecture_names())}"
         )
+    if spec is not None:
+        check_buildable(spec)
     if kind == "random":
         _warn_random(spec.name)
         parts = _random_parts(spec, text_encoder, seed)
@@ -387,6 +392,7 @@ def _pretrained_parts(source: str, text_encoder: bool, *, hub: bool) -> dict[str
     offline = not hub or _hub_offline()
     kw = {"local_files_only": offline}
     try:
+        check_unet_config(UNet2DConditionModel.load_config(source, subfolder="unet", **kw), source)
         parts: dict[str, Any] = {
             "unet": UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kw),
             "vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kw),

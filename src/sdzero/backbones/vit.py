@@ -1,16 +1,27 @@
-"""Frozen ViT feature extractors (OVDiff's DINO and CLIP facets) and the shared weight loader.
+"""ViT backbones: a registry of named specs (DINO, DINOv2, CLIP and tiny test models), their
+weight loader, and the position-embedding resampling rule of the DINO family.
 
-``build_vit_extractor("dino_vitb8")`` gives the attention keys of DINO ViT-B/8's last block and
-``build_vit_extractor("clip_vitb16")`` those of OpenAI CLIP ViT-B/16's block -2, on the patch grid,
-as OVDiff's prototypes use them. ``tiny_vit8`` / ``tiny_clip16`` are small random models with the
-same code paths, for tests and demos.
+A spec names a timm or open_clip architecture, the default block OVDiff / SD+DINO read, and how
+position embeddings are resampled for other grids. ``register_vit(name, spec)`` adds one.
+Built-in: ``dino_vitb8`` (DINO ViT-B/8), ``clip_vitb16`` (OpenAI CLIP ViT-B/16), ``dinov2_vits14``,
+``dinov2_vitb14``, ``dinov2_vits14_reg``, ``dinov2_vitb14_reg`` (DINOv2 hub models, 4 register
+tokens for ``_reg``), and ``tiny_vit8``, ``tiny_clip16``, ``tiny_dinov2``, ``tiny_dinov2_reg``:
+small random models with the same code paths, for tests and demos.
+
+DINOv2 uses timm's architecture (``vit_*_patch14_dinov2``, ``vit_*_patch14_reg4_dinov2``: patch
+14, 518 px pretraining grid, LayerScale; built with LayerScale initialised to 1 as the hub
+models). A local checkpoint in the official key layout (``dinov2_vitb14_pretrain.pth``,
+``dinov2_vitb14_reg4_pretrain.pth``) loads through timm's checkpoint filter, which converts its
+keys: ``mask_token`` (training only) is dropped; with registers ``register_tokens`` becomes
+``reg_token``, the class row of ``pos_embed`` is added into ``cls_token`` and ``pos_embed`` keeps
+the patch rows (timm's ``no_embed_class`` layout: exact in float32, since that row only ever
+meets the class token). Feature extraction: :mod:`sdzero.backbones.vit_features`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,18 +30,15 @@ import open_clip
 import timm
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer as OpenClipViT
 from timm.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
 )
-from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import Tensor, nn
 
 from sdzero.backbones.errors import WeightsNotFoundError
-from sdzero.backbones.tap import FeatureTap
 from sdzero.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -40,14 +48,16 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     "clip": (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
 }
-FACETS = ("key", "token")
 
 
 @dataclass(frozen=True)
 class ViTSpec:
     """One named backbone: ``library`` ("timm" | "open_clip"), its architecture name there, the
-    open_clip pretrained tag, OVDiff's default block, architecture overrides (tiny models), and the
-    command that caches the pretrained weights on a machine with network (None: random only)."""
+    open_clip pretrained tag, the default block read (OVDiff's; the last for DINOv2, as SD+DINO),
+    architecture overrides (tiny models, DINOv2's LayerScale init), the command that caches the
+    pretrained weights on a machine with network (None: random only), and the position-embedding
+    rule for other grids (:func:`interpolate_pos_embed`'s ``offset`` and ``antialias``; the
+    defaults are DINO's and DINOv2's own, ``interpolate_offset=0.1``, no antialias)."""
 
     library: str
     arch: str
@@ -55,64 +65,87 @@ class ViTSpec:
     block: int
     overrides: dict[str, Any] = field(default_factory=dict)
     download: str | None = None
+    pos_offset: float = 0.1
+    pos_antialias: bool = False
 
 
-VIT_MODELS: dict[str, ViTSpec] = {
-    "dino_vitb8": ViTSpec(
-        "timm",
-        "vit_base_patch8_224.dino",
-        None,
-        -1,
-        download="python -c \"import timm; timm.create_model('vit_base_patch8_224.dino', "
-        'pretrained=True)"',
-    ),
-    "clip_vitb16": ViTSpec(
-        "open_clip",
-        "ViT-B-16",
-        "openai",
-        -2,
-        download="python -c \"import open_clip; open_clip.create_model('ViT-B-16', "
-        "pretrained='openai')\"",
-    ),
-    "tiny_vit8": ViTSpec(
-        "timm",
-        "vit_base_patch8_224.dino",
-        None,
-        -1,
-        {"embed_dim": 32, "depth": 3, "num_heads": 2, "img_size": 32},
-    ),
-    "tiny_clip16": ViTSpec(
-        "open_clip",
-        "ViT-B-16",
-        None,
-        -2,
-        {
-            "embed_dim": 16,
-            "vision_cfg": {
-                "image_size": 32,
-                "patch_size": 16,
-                "width": 32,
-                "layers": 3,
-                "head_width": 16,
-            },
-            "text_cfg": {
-                "context_length": 77,
-                "vocab_size": 49408,
-                "width": 32,
-                "heads": 2,
-                "layers": 2,
-            },
-        },
-    ),
+VIT_MODELS: dict[str, ViTSpec] = {}
+
+
+def register_vit(name: str, spec: ViTSpec, *, replace: bool = False) -> ViTSpec:
+    """Add ``spec`` to the registry as ``name`` (``ValueError`` if taken, unless ``replace``)."""
+    if name in VIT_MODELS and not replace:
+        raise ValueError(f"ViT backbone {name!r} is already registered")
+    if spec.library not in ("timm", "open_clip"):
+        raise ValueError(
+            f"ViT backbone {name!r}: library {spec.library!r}; expected timm or open_clip"
+        )
+    VIT_MODELS[name] = spec
+    return spec
+
+
+def _timm_download(arch: str) -> str:
+    return f"python -c \"import timm; timm.create_model('{arch}', pretrained=True)\""
+
+
+_TINY_TIMM = {"embed_dim": 32, "depth": 3, "num_heads": 2}
+_CLIP_DOWNLOAD = (
+    "python -c \"import open_clip; open_clip.create_model('ViT-B-16', pretrained='openai')\""
+)
+_TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 32, "layers": 3, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
+register_vit(
+    "dino_vitb8",
+    ViTSpec(
+        "timm",
+        "vit_base_patch8_224.dino",
+        None,
+        -1,
+        download=_timm_download("vit_base_patch8_224.dino"),
+    ),
+)
+register_vit("clip_vitb16", ViTSpec("open_clip", "ViT-B-16", "openai", -2, download=_CLIP_DOWNLOAD))
+register_vit(
+    "tiny_vit8",
+    ViTSpec("timm", "vit_base_patch8_224.dino", None, -1, {**_TINY_TIMM, "img_size": 32}),
+)
+register_vit("tiny_clip16", ViTSpec("open_clip", "ViT-B-16", None, -2, _TINY_CLIP))
+
+
+def _dinov2(arch: str, registers: bool, **tiny: Any) -> ViTSpec:
+    """DINOv2 as its torch.hub entry points build it: LayerScale initialised to 1, the last block
+    read; the register models resample position embeddings to an output size (offset 0) with
+    antialiasing. ``tiny``: architecture overrides of a random test model (no download)."""
+    rule = {"pos_offset": 0.0, "pos_antialias": True} if registers else {}
+    download = None if tiny else _timm_download(arch)
+    return ViTSpec("timm", arch, None, -1, {"init_values": 1.0, **tiny}, download, **rule)
+
+
+_TINY_DINOV2 = {**_TINY_TIMM, "img_size": 56}  # a 4x4 grid of 14 px patches
+register_vit("dinov2_vits14", _dinov2("vit_small_patch14_dinov2.lvd142m", False))
+register_vit("dinov2_vitb14", _dinov2("vit_base_patch14_dinov2.lvd142m", False))
+register_vit("dinov2_vits14_reg", _dinov2("vit_small_patch14_reg4_dinov2.lvd142m", True))
+register_vit("dinov2_vitb14_reg", _dinov2("vit_base_patch14_reg4_dinov2.lvd142m", True))
+register_vit("tiny_dinov2", _dinov2("vit_small_patch14_dinov2.lvd142m", False, **_TINY_DINOV2))
+register_vit(
+    "tiny_dinov2_reg", _dinov2("vit_small_patch14_reg4_dinov2.lvd142m", True, **_TINY_DINOV2)
+)
+
+
+def vit_names() -> list[str]:
+    """The registered ViT backbone names, sorted."""
+    return sorted(VIT_MODELS)
 
 
 def get_vit_spec(name: str) -> ViTSpec:
-    """The named backbone; ``ValueError`` listing the known names otherwise."""
+    """The named backbone; :class:`ConfigError` listing the known names otherwise."""
     if name not in VIT_MODELS:
         raise ConfigError(
             f"unknown ViT backbone {name!r} (method.extractors dino:<vit> / clip:<vit>, "
-            f"method.clip_model); expected one of {sorted(VIT_MODELS)}"
+            f"method.clip_model); expected one of {vit_names()}"
         )
     return VIT_MODELS[name]
 
@@ -125,7 +158,8 @@ def load_backbone_model(
 
     ``weights``: "pretrained" (the usual hub weights, from the local cache when offline),
     "random" (loud warning: features are meaningless) or a path to a local checkpoint file
-    (a timm state dict for DINO, an open_clip state dict for CLIP). Raises
+    (a timm state dict for DINO, timm's or the official layout for DINOv2, an open_clip state
+    dict for CLIP). Raises
     ``WeightsNotFoundError`` when the weights cannot be loaded. ``dtype=torch.float16`` (CLIP
     only) is OpenAI CLIP's half precision, what ``clip.load`` gives on CUDA: open_clip's
     ``precision="fp16"``, linear/conv/attention weights in fp16, layer norms computed in fp32.
@@ -215,170 +249,49 @@ def check_images(images: Tensor, min_size: int = 1) -> None:
         )
 
 
-def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int], force: bool = False) -> Tensor:
-    """Resample learned position embeddings ``(1 + g*g, C)`` (class token first, square grid)
-    to ``(1 + h*w, C)`` for a ``grid = (h, w)`` patch grid; unchanged at the native grid unless
-    ``force``.
+def interpolate_pos_embed(
+    pos_embed: Tensor,
+    grid: tuple[int, int],
+    force: bool = False,
+    *,
+    offset: float = 0.1,
+    antialias: bool = False,
+    class_row: bool = True,
+) -> Tensor:
+    """Resample learned position embeddings ``(1 + g*g, C)`` (class row first, square grid; no
+    class row with ``class_row=False``) to ``(1 + h*w, C)`` for a ``grid = (h, w)`` patch grid,
+    row-major; unchanged at the native grid unless ``force``.
 
-    Bicubic with DINO's convention (``interpolate_pos_encoding`` of facebookresearch/dino, which
-    OVDiff's extractors inherit): scale factors ``(h + 0.1) / g`` instead of an output size, which
-    moves the sampling points slightly compared with a size-based resize. That code skips the
-    resampling only when the token count is native *and* the input image is square in pixels;
-    ``force`` (a non-square image) reproduces the second condition.
+    Bicubic, as ``interpolate_pos_encoding`` of facebookresearch/dino and dinov2: with ``offset``
+    (DINO's and DINOv2's ``interpolate_offset``, 0.1) the scale factors are ``(h + offset) / g``
+    and ``(w + offset) / g`` instead of an output size, which moves the sampling points slightly
+    compared with a size-based resize; ``offset=0`` resizes to ``(h, w)`` (DINOv2's register
+    models). ``antialias``: DINOv2's ``interpolate_antialias`` (PyTorch's antialiased bicubic,
+    whose kernel differs even when upsampling). Those codes skip the resampling only when the
+    token count is native *and* the input image is square in pixels; ``force`` (a non-square
+    image) reproduces the second condition.
     """
-    num_patches, dim = pos_embed.shape[0] - 1, pos_embed.shape[1]
+    lead = 1 if class_row else 0
+    num_patches, dim = pos_embed.shape[0] - lead, pos_embed.shape[1]
     native = math.isqrt(num_patches)
     if native * native != num_patches:
         raise ValueError(f"expected a square grid of position embeddings, got {num_patches}")
     height, width = grid
     if (height, width) == (native, native) and not force:
         return pos_embed
-    patch_pos = pos_embed[1:].reshape(1, native, native, dim).permute(0, 3, 1, 2)
+    if offset:
+        scale = ((height + offset) / native, (width + offset) / native)
+        how: dict[str, Any] = {"scale_factor": scale, "recompute_scale_factor": False}
+    else:
+        how = {"size": (height, width)}
+    patch_pos = pos_embed[lead:].reshape(1, native, native, dim).permute(0, 3, 1, 2)
     patch_pos = F.interpolate(
-        patch_pos.float(),
-        scale_factor=((height + 0.1) / native, (width + 0.1) / native),
-        mode="bicubic",
-        align_corners=False,
-        recompute_scale_factor=False,
+        patch_pos.float(), mode="bicubic", align_corners=False, antialias=antialias, **how
     ).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:1], patch_pos.permute(0, 2, 3, 1).reshape(height * width, dim)])
-
-
-class ViTFeatureExtractor(nn.Module):
-    """Dense features of one block of a frozen ViT on its patch grid.
-
-    ``forward(images)``: (B, 3, H, W) float in [0, 1], H, W >= p (``patch_size``) -> (B, dim,
-    H // p, W // p); the last H mod p rows and W mod p columns never reach a patch, as with the
-    official stride-p patch convolution. ``facet="key"``: the block's attention keys, heads
-    concatenated (OVDiff); ``facet="token"``: the block's output tokens. The class token is
-    dropped; position embeddings are resampled for any grid (``interpolate_pos_embed``); the
-    blocks after ``block`` never run, nor, for keys, the block's own attention and MLP.
-    ``model`` is a timm ``VisionTransformer`` built with ``dynamic_img_size=True`` or an open_clip
-    vision tower (``clip.visual``); ``mean``/``std`` normalise the [0, 1] input.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        block: int,
-        facet: str = "key",
-        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    ) -> None:
-        super().__init__()
-        if isinstance(model, TimmViT):
-            if not model.dynamic_img_size or model.num_prefix_tokens != 1 or model.no_embed_class:
-                raise ValueError(
-                    "expected a timm VisionTransformer with one class token, class position "
-                    "embedding and dynamic_img_size=True (timm.create_model(..., "
-                    "dynamic_img_size=True))"
-                )
-            blocks, patch = model.blocks, model.patch_embed.patch_size
-        elif isinstance(model, OpenClipViT):
-            if not model.transformer.batch_first:
-                raise ValueError("expected an open_clip vision tower with batch_first blocks")
-            blocks, patch = model.transformer.resblocks, model.patch_size
-        else:
-            raise TypeError(
-                f"expected a timm VisionTransformer or an open_clip VisionTransformer, got "
-                f"{type(model).__name__}"
-            )
-        if patch[0] != patch[1]:
-            raise ValueError(f"expected square patches, got {tuple(patch)}")
-        if not -len(blocks) <= block < len(blocks):
-            raise ValueError(f"block={block} is out of range for a ViT with {len(blocks)} blocks")
-        if facet not in FACETS:
-            raise ValueError(f"facet={facet!r}; expected one of {FACETS}")
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"expected 3-channel mean/std, got mean={mean}, std={std}")
-        self.model = model
-        self.block = block % len(blocks)
-        self.facet = facet
-        self.patch_size = int(patch[0])
-        self._is_timm = isinstance(model, TimmViT)
-        self.dim = int(self._dim(blocks[self.block]))
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def _dim(self, block: nn.Module) -> int:
-        if self.facet == "token":
-            return self.model.embed_dim if self._is_timm else self.model.transformer.width
-        return block.attn.qkv.out_features // 3 if self._is_timm else block.attn.embed_dim
-
-    def _blocks(self) -> nn.ModuleList | nn.Sequential:
-        return self.model.blocks if self._is_timm else self.model.transformer.resblocks
-
-    def _embed(self, images: Tensor, force_pos: bool) -> Tensor:
-        """Normalised (B, 3, H, W), patch multiples -> tokens (B, 1 + h*w, C) entering the first
-        block; ``force_pos``: resample position embeddings even at the native grid.
-
-        Training-only dropouts (position / patch dropout) are left out.
-        """
-        model = self.model
-        if self._is_timm:
-            patches = model.patch_embed(images)  # (B, h, w, C) under dynamic_img_size
-            cls_token, pos_embed, pre_norm = model.cls_token, model.pos_embed[0], model.norm_pre
-        else:
-            patches = model.conv1(images).permute(0, 2, 3, 1)
-            cls_token, pos_embed, pre_norm = (
-                model.class_embedding,
-                model.positional_embedding,
-                model.ln_pre,
-            )
-        batch, height, width, dim = patches.shape
-        tokens = torch.cat(
-            [
-                cls_token.reshape(1, 1, dim).expand(batch, 1, dim).to(patches.dtype),
-                patches.flatten(1, 2),
-            ],
-            dim=1,
-        )
-        pos = interpolate_pos_embed(pos_embed, (height, width), force=force_pos)
-        tokens = tokens + pos.to(patches.dtype)
-        return pre_norm(tokens)
-
-    def _run_blocks(self, tokens: Tensor) -> Tensor:
-        for block in self._blocks():
-            tokens = block(tokens)
-        return tokens
-
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, dim, H // patch_size, W // patch_size)."""
-        check_images(images, self.patch_size)
-        batch, _, height, width = images.shape
-        grid = (height // self.patch_size, width // self.patch_size)
-        # Same patches as the official convolution; timm's patch embedding rejects a remainder.
-        kept = images[..., : grid[0] * self.patch_size, : grid[1] * self.patch_size]
-        # DINO's rule: only a square image at the native grid keeps its position embeddings.
-        tokens = self._embed((kept - self.mean) / self.std, force_pos=height != width)
-        # The tap stops the blocks once the chosen facet exists (keys: before that block's
-        # attention and MLP run).
-        kind = "keys" if self.facet == "key" else "outputs"
-        prefix = "blocks" if self._is_timm else "transformer.resblocks"
-        path = f"{prefix}.{self.block}"
-        with FeatureTap(self.model, **{kind: [path]}) as tap:
-            features = getattr(tap.run(lambda: self._run_blocks(tokens)), kind)[path]
-        return features[:, 1:].transpose(1, 2).reshape(batch, self.dim, *grid)
-
-
-def build_vit_extractor(
-    name: str,
-    weights: str = "pretrained",
-    block: int | None = None,
-    facet: str = "key",
-    normalization: str = "imagenet",
-) -> ViTFeatureExtractor:
-    """The named extractor (``VIT_MODELS``): ``block`` defaults to OVDiff's (-1 DINO, -2 CLIP),
-    ``normalization`` to ImageNet statistics for both, as OVDiff does ("clip" for CLIP's own)."""
-    spec = get_vit_spec(name)
-    if normalization not in NORMALIZATIONS:
+    if patch_pos.shape[-2:] != (height, width):
         raise ValueError(
-            f"normalization={normalization!r}; expected one of {sorted(NORMALIZATIONS)}"
+            f"offset={offset} resamples a {native}x{native} grid to "
+            f"{tuple(patch_pos.shape[-2:])}, not {height}x{width}"
         )
-    model = load_backbone_model(name, weights)
-    # The CLIP text tower is not needed for image features; keeping only .visual frees it.
-    visual = model.visual if spec.library == "open_clip" else model
-    mean, std = NORMALIZATIONS[normalization]
-    return ViTFeatureExtractor(
-        visual, spec.block if block is None else block, facet=facet, mean=mean, std=std
-    )
+    rows = patch_pos.permute(0, 2, 3, 1).reshape(height * width, dim)
+    return torch.cat([pos_embed[:lead], rows])
