@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from sdzero.backbones.sd import StableDiffusion
+from sdzero.backbones.sd_model import StableDiffusion
 from sdzero.backbones.tap import Captured, FeatureTap
 
 

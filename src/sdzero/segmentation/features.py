@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdzero.backbones.attention import resolve_layers
-from sdzero.backbones.sd import StableDiffusion, validate_images
 from sdzero.backbones.sd_features import diffused_latents, query_features
+from sdzero.backbones.sd_model import StableDiffusion, validate_images
 from sdzero.backbones.vit import check_images
 from sdzero.backbones.vit_features import build_vit_extractor
 from sdzero.seeding import keyed_generator
