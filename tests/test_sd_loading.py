@@ -1,4 +1,6 @@
-"""Stable Diffusion loading (random / folder / hub cache / single file), latents and noising.
+"""Stable Diffusion loading (random / folder / hub cache) and the architecture registry.
+
+Single files: test_sd_single_file.py; the module itself (latents, noise, prompts): test_sd_model.py.
 
 Everything runs on CPU with the ``tiny`` architecture; the full-size architectures are only built on
 the ``meta`` device, which allocates nothing.
@@ -21,7 +23,6 @@ from diffusers import (  # noqa: E402
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from safetensors.torch import save_file  # noqa: E402
 from sd1_layers import SD1_CROSS_ATTENTION
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
@@ -40,7 +41,6 @@ from sdzero.backbones.sd import (  # noqa: E402
     WeightsNotFoundError,
     describe_source,
     load_stable_diffusion,
-    sample_noise,
 )
 
 
@@ -295,220 +295,3 @@ def test_describe_source_names_each_kind_without_loading(tiny_folder, tmp_path, 
     )
     assert "NOT in the cache" in describe_source("sdzero-test/not-cached-anywhere", "sd15")
     assert "no such file" in describe_source("/nonexistent/x", "sd15")
-
-
-# --- single file -------------------------------------------------------------------------------
-
-_RESNET_TO_LDM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-_UNET_FIXED = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-def _ldm_resnet(rest: str) -> str:
-    first, _, leaf = rest.partition(".")
-    return f"{_RESNET_TO_LDM[first]}.{leaf}"
-
-
-def _ldm_unet_key(key: str) -> str:
-    """The CompVis name of a diffusers SD 1.x UNet weight (layers_per_block=2: 3 slots a block)."""
-    head, _, leaf = key.rpartition(".")
-    if head in _UNET_FIXED:
-        return f"{_UNET_FIXED[head]}.{leaf}"
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.+)", key):
-        side, block, kind, j, rest = m.groups()
-        index = 3 * int(block) + int(j) + (1 if side == "down" else 0)
-        prefix = "input_blocks" if side == "down" else "output_blocks"
-        return (
-            f"{prefix}.{index}.0.{_ldm_resnet(rest)}"
-            if kind == "resnets"
-            else f"{prefix}.{index}.1.{rest}"
-        )
-    if m := re.fullmatch(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.+)", key):
-        return f"input_blocks.{3 * int(m[1]) + 3}.0.op.{m[2]}"
-    if m := re.fullmatch(r"up_blocks\.(\d)\.upsamplers\.0\.conv\.(.+)", key):
-        slot = 1 if m[1] == "0" else 2  # after the attention in cross-attention up blocks
-        return f"output_blocks.{3 * int(m[1]) + 2}.{slot}.conv.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", key):
-        return f"middle_block.{2 * int(m[1])}.{_ldm_resnet(m[2])}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-        return f"middle_block.1.{m[1]}"
-    raise AssertionError(f"unmapped UNet key {key}")
-
-
-def _ldm_vae_item(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """The CompVis name (and 1x1-conv shape, for attention projections) of a 4-block VAE weight."""
-    part, _, rest = key.partition(".")
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d)\.resnets\.(\d)\.(.+)", rest):
-        block = int(m[2]) if m[1] == "down" else 3 - int(m[2])
-        return (
-            f"{part}.{m[1]}.{block}.block.{m[3]}.{m[4].replace('conv_shortcut', 'nin_shortcut')}",
-            value,
-        )
-    if m := re.fullmatch(r"(down|up)_blocks\.(\d)\.(down|up)samplers\.0\.conv\.(.+)", rest):
-        block = int(m[2]) if m[1] == "down" else 3 - int(m[2])
-        return f"{part}.{m[1]}.{block}.{m[3]}sample.conv.{m[4]}", value
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", rest):
-        return f"{part}.mid.block_{int(m[1]) + 1}.{m[2]}", value
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)\.(weight|bias)", rest):
-        conv = value[:, :, None, None] if m[1] != "group_norm" and m[2] == "weight" else value
-        return f"{part}.mid.attn_1.{_VAE_ATTN[m[1]]}.{m[2]}", conv
-    return key.replace("conv_norm_out", "norm_out"), value
-
-
-def _to_ldm_checkpoint(model: StableDiffusion) -> dict[str, torch.Tensor]:
-    ckpt = {
-        f"model.diffusion_model.{_ldm_unet_key(k)}": v for k, v in model.unet.state_dict().items()
-    }
-    for key, value in model.vae.state_dict().items():
-        name, tensor = _ldm_vae_item(key, value)
-        ckpt[f"first_stage_model.{name}"] = tensor
-    for key, value in model.text_encoder.state_dict().items():
-        ckpt[f"cond_stage_model.transformer.text_model.{key}"] = value
-    return {k: v.contiguous() for k, v in ckpt.items()}
-
-
-@pytest.fixture(scope="module")
-def tiny_single_file(tiny, tmp_path_factory):
-    path = tmp_path_factory.mktemp("single") / "tiny.safetensors"
-    save_file(_to_ldm_checkpoint(tiny), str(path))
-    return path
-
-
-def test_single_file_round_trip_gives_identical_models(tiny, tiny_single_file):
-    loaded = load_stable_diffusion(str(tiny_single_file), "tiny", text_encoder=True)
-    _assert_same_weights(loaded, tiny)
-    assert loaded.source == str(tiny_single_file) and loaded.arch == "tiny"
-    assert loaded.scheduler.config.steps_offset == 0
-
-
-def test_single_file_checks_architecture_and_completeness(tiny, tiny_single_file, tmp_path):
-    with pytest.raises(ValueError, match=r"arch=one of"):
-        load_stable_diffusion(str(tiny_single_file))
-    with pytest.raises(ValueError, match=r"32-d text conditioning.*'sd15' expects 768"):
-        load_stable_diffusion(str(tiny_single_file), "sd15")
-    ckpt = _to_ldm_checkpoint(tiny)
-    del ckpt["model.diffusion_model.out.2.weight"]
-    partial = tmp_path / "partial.safetensors"
-    save_file(ckpt, str(partial))
-    with pytest.raises(ValueError, match=r"\(UNet\): the checkpoint lacks 1 weights.*conv_out"):
-        load_stable_diffusion(str(partial), "tiny")
-    garbage = tmp_path / "garbage.ckpt"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(
-        ValueError, match=r"could not read the single-file checkpoint .*garbage\.ckpt"
-    ):
-        load_stable_diffusion(str(garbage), "tiny")
-    vae_only = tmp_path / "vae.safetensors"
-    save_file({k: v for k, v in ckpt.items() if k.startswith("first_stage_model.")}, str(vae_only))
-    with pytest.raises(ValueError, match="not an original-format Stable Diffusion checkpoint"):
-        load_stable_diffusion(str(vae_only), "tiny")
-
-
-# --- images -> latents -------------------------------------------------------------------------
-
-
-def test_encode_images_is_the_scaled_posterior_mean_of_2x_minus_1(tiny):
-    images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(1))
-    latents = tiny.encode_images(images)
-    assert latents.shape == (2, 4, 6, 8)
-    expected = tiny.vae.encode(images * 2 - 1).latent_dist.mean * 0.18215
-    torch.testing.assert_close(latents, expected, rtol=0, atol=0)
-
-
-def test_encode_images_sample_draws_from_the_posterior(tiny):
-    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    mean = tiny.encode_images(images)
-    a = tiny.encode_images(images, sample=True, generator=torch.Generator().manual_seed(5))
-    b = tiny.encode_images(images, sample=True, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(a, b) and not torch.equal(a, mean)
-    posterior = tiny.vae.encode(images * 2 - 1).latent_dist
-    z = (a / 0.18215 - posterior.mean) / posterior.std  # standardised draw ~ N(0, 1)
-    assert abs(z.mean().item()) < 0.5 and 0.6 < z.std().item() < 1.4
-
-
-@pytest.mark.parametrize(
-    ("images", "problem"),
-    [
-        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "float tensor"),
-        (torch.rand(1, 1, 32, 32), r"\(B, 3, H, W\).*\(1, 1, 32, 32\)"),
-        (torch.rand(1, 4, 32, 32), r"\(1, 4, 32, 32\)"),
-        (torch.rand(3, 32, 32), r"\(3, 32, 32\)"),
-        (torch.rand(1, 3, 32, 32) * 255, r"\[0, 1\].*max 2"),
-        (torch.rand(1, 3, 32, 32) * 2 - 1, r"\[0, 1\].*min -"),
-        (torch.rand(1, 3, 36, 32), "multiples of 8; got H=36, W=32"),
-        (torch.full((1, 3, 8, 8), float("nan")), r"\[0, 1\].*nan"),
-    ],
-)
-def test_encode_images_rejects_wrong_image_modes(tiny, images, problem):
-    with pytest.raises(ValueError, match=problem):
-        tiny.encode_images(images)
-
-
-# --- noising ---------------------------------------------------------------------------------
-
-
-def test_add_noise_matches_the_closed_form(tiny):
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    abar = torch.cumprod(1 - betas, 0)
-    # Hedlin et al.'s optimisation timestep: sqrt(abar)=0.917, sqrt(1-abar)=0.398.
-    assert abs(abar[140].sqrt().item() - 0.917) < 1e-3
-    assert abs((1 - abar[140]).sqrt().item() - 0.398) < 1e-3
-    gen = torch.Generator().manual_seed(0)
-    latents, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, 4, 8, 8, generator=gen)
-    for t in (0, 140, 200, 999):
-        expected = abar[t].sqrt() * latents + (1 - abar[t]).sqrt() * noise
-        torch.testing.assert_close(tiny.add_noise(latents, t, noise), expected.float())
-
-
-def test_add_noise_draws_the_named_noise_reproducibly(tiny):
-    latents = torch.zeros(4, 4, 16, 16)
-    abar = tiny.scheduler.alphas_cumprod[200]
-    uniform = tiny.add_noise(latents, 200, "uniform", torch.Generator().manual_seed(7))
-    eps = uniform / (1 - abar).sqrt()
-    assert eps.min() >= 0 and eps.max() < 1 + 1e-6 and abs(eps.mean().item() - 0.5) < 0.05
-    expected = sample_noise(latents.shape, "uniform", torch.Generator().manual_seed(7))
-    torch.testing.assert_close(eps, expected)
-    gaussian = tiny.add_noise(latents, 200, "gaussian", torch.Generator().manual_seed(7))
-    g = gaussian / (1 - abar).sqrt()
-    assert abs(g.mean().item()) < 0.1 and abs(g.std().item() - 1) < 0.1 and g.min() < 0
-
-
-def test_sample_noise_kinds_and_bad_arguments(tiny):
-    u = sample_noise((10_000,), "uniform", torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert u.dtype == torch.float64 and u.min() >= 0 and u.max() < 1
-    with pytest.raises(ValueError, match="'laplace'.*'uniform' or 'gaussian'"):
-        sample_noise((2,), "laplace")
-    latents = torch.zeros(1, 4, 8, 8)
-    with pytest.raises(ValueError, match=r"\[0, 1000\); got 1000"):
-        tiny.add_noise(latents, 1000)
-    with pytest.raises(ValueError, match="integer; got 0.5"):
-        tiny.add_noise(latents, 0.5)
-    with pytest.raises(ValueError, match=r"noise shape \(1, 4, 4, 4\)"):
-        tiny.add_noise(latents, 10, torch.zeros(1, 4, 4, 4))
-
-
-# --- prompts ---------------------------------------------------------------------------------
-
-
-def test_encode_prompt_shape_and_errors(tiny):
-    embeddings = tiny.encode_prompt(["a photo of a cat", ""])
-    assert embeddings.shape == (2, 77, 32)
-    assert not torch.equal(embeddings[0], embeddings[1])
-    with pytest.raises(ValueError, match="list of strings"):
-        tiny.encode_prompt("a photo of a cat")
-    bare = load_stable_diffusion(None, "tiny")
-    with pytest.raises(RuntimeError, match="text_encoder=True"):
-        bare.encode_prompt(["a cat"])

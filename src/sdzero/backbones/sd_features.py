@@ -13,7 +13,8 @@ Grids are latent grids: ``(h, w) = (H/8, W/8)`` for ``(H, W)`` images, row-major
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,16 +63,19 @@ def unet_features(
     queries: Sequence[str] = (),
     outputs: Sequence[str] = (),
     truncate: bool = True,
+    unet_kwargs: Mapping[str, Any] | None = None,
 ) -> Captured:
     """One UNet pass on ``latents`` ``(B, 4, h, w)`` at ``timestep`` with the prompt embedding
     ``context`` (``(B, 77, D)``, or ``(1, 77, D)`` for every latent), through the feature tap:
     ``queries`` of attention layers (module paths, see :func:`~sdzero.backbones.attention.
-    resolve_layers`) and ``outputs`` of UNet modules; the pass stops after the last one."""
+    resolve_layers`) and ``outputs`` of UNet modules; the pass stops after the last one.
+    ``unet_kwargs`` go to the UNet call (e.g. the ``added_cond_kwargs`` an SDXL UNet needs)."""
     context = context.to(latents.dtype).expand(latents.shape[0], -1, -1)
     t = torch.tensor(timestep, device=latents.device)
+    extra = dict(unet_kwargs or {})
     with FeatureTap(sd.unet, queries=queries, outputs=outputs, truncate=truncate) as tap:
         return tap.run(
-            lambda: sd.unet(latents, t, encoder_hidden_states=context).sample,
+            lambda: sd.unet(latents, t, encoder_hidden_states=context, **extra).sample,
             grid=tuple(latents.shape[-2:]),
         )
 

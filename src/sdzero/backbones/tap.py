@@ -172,7 +172,10 @@ class FeatureTap:
     :param truncate: stop the pass once everything asked for has been captured.
     :param callback: called as ``callback(name, kind, value)`` for every capture instead of
         storing it (e.g. to accumulate maps over sampling steps). Without it only passes run by
-        :meth:`run` record; with it, direct calls of the model (a pipeline's) report too, in full.
+        :meth:`run` record; with it, direct calls of the model (a pipeline's) report too.
+
+    While entered, run the model through :meth:`run`; direct calls are for ``truncate=False``
+    (with a callback): a truncating tap's cut layer cannot tell them from a recomputation.
     """
 
     def __init__(
