@@ -161,6 +161,7 @@ def effect(device: str, quick: bool) -> list[Row]:
                 **kw,
             )
             module.setup("test")
+            task = module.make_task(data)  # no Trainer here: the task is built by hand
             module.to(device)  # the module's device is where predict_pair puts the images
             module.sd.unet.to(device)
             module.sd.vae.to(device)
@@ -168,7 +169,7 @@ def effect(device: str, quick: bool) -> list[Row]:
             t0 = time.perf_counter()
             for i in range(len(data)):
                 batch = data[i]
-                record = module.task.record(batch, module.predict(batch))
+                record = task.record(batch, module.predict(batch))
                 pred = torch.tensor(record["pred_kps"])
                 err = (pred - batch["trg_kps"]).norm(dim=1)
                 correct.append(err <= 0.1 * record["threshold_size"])
