@@ -259,7 +259,7 @@ class CUBDataModule(TrainableDataModule):
         seed: int = 0,
         limit: int | None = None,
         num_workers: int = 0,
-        train_split: str | None = None,
+        train_split: str | None = "train",
         val_split: str | None = None,
         batch_size: int = 8,
         train_limit: int | None = None,

@@ -164,8 +164,8 @@ class SPairDataModule(TrainableDataModule):
         category: str | Sequence[str] | None = None,
         limit: int | None = None,
         num_workers: int = 0,
-        train_split: str | None = None,
-        val_split: str | None = None,
+        train_split: str | None = "trn",
+        val_split: str | None = "val",
         batch_size: int = 8,
         train_limit: int | None = None,
     ) -> None:
