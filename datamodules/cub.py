@@ -264,15 +264,8 @@ class CUBDataModule(TrainableDataModule):
         batch_size: int = 8,
         train_limit: int | None = None,
     ) -> None:
-        super().__init__(
-            root,
-            limit=limit,
-            num_workers=num_workers,
-            train_split=train_split,
-            val_split=val_split,
-            batch_size=batch_size,
-            train_limit=train_limit,
-        )
+        splits = (train_split, val_split, batch_size, train_limit)
+        super().__init__(root, limit, num_workers, *splits)
         self.protocol = protocol
         self.split = split
         self.num_classes = num_classes

@@ -303,15 +303,8 @@ class SyntheticCorrespondenceDataModule(TrainableDataModule):
         train_limit: int | None = None,
     ) -> None:
         _check_args(num_pairs, image_size, kind)
-        super().__init__(
-            root,
-            limit=limit,
-            num_workers=num_workers,
-            train_split=train_split,
-            val_split=val_split,
-            batch_size=batch_size,
-            train_limit=train_limit,
-        )
+        splits = (train_split, val_split, batch_size, train_limit)
+        super().__init__(root, limit, num_workers, *splits)
         self.counts = (int(num_pairs), int(num_train_pairs), int(num_val_pairs))
         self.num_pairs = int(num_pairs)
         self.kind = kind

@@ -39,7 +39,27 @@ def predictions_dir(run_dir: str | Path | None) -> Path | None:
     return None if run_dir is None else Path(run_dir) / "predictions"
 
 
-class PredictionRecords(pl.Callback):
+class SampleCallback(pl.Callback):
+    """A callback called once per evaluated sample with the method's ``test_step`` output."""
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: Any,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.on_sample(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_sample(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """``outputs``: ``{"record", "prediction", "reused"}`` of one sample."""
+
+
+class PredictionRecords(SampleCallback):
     """Writes every sample's artifacts and record as it finishes; on resume, hands the finished
     samples to the module so that it skips them. Every rank reads every rank's records: a resumed
     run may use another world size."""
@@ -60,14 +80,8 @@ class PredictionRecords(pl.Callback):
             log.info("resuming: %d finished samples found in %s", len(finished), self.folder)
         self._writer = RecordWriter(self.folder / f"rank{trainer.global_rank}.jsonl")
 
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: Any,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_sample(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if outputs["reused"]:
             return
@@ -82,7 +96,7 @@ class PredictionRecords(pl.Callback):
             self._writer = None
 
 
-class TaskMetrics(pl.Callback):
+class TaskMetrics(SampleCallback):
     """Scores every sample with the task's metric; at the end builds the ``metrics.json`` object
     (:attr:`metrics`), writes it into ``run_dir`` on rank 0 (when given) and logs it.
 
@@ -100,14 +114,8 @@ class TaskMetrics(pl.Callback):
     def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
         self._start = time.perf_counter()
 
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: Any,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_sample(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if outputs["reused"]:
             self._reused += 1
@@ -165,7 +173,7 @@ def summarise(task: Any, computed: dict[str, Any], seconds: float | None, datamo
     return summary
 
 
-class Visuals(pl.Callback):
+class Visuals(SampleCallback):
     """A PNG of each of the first ``count`` new samples of every rank in ``run_dir/visuals/``
     (the task draws it), also logged to W&B."""
 
@@ -173,14 +181,8 @@ class Visuals(pl.Callback):
         self.folder = Path(run_dir) / "visuals"
         self.count = int(count)
 
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: Any,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_sample(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if outputs["reused"] or batch_idx >= self.count:
             return

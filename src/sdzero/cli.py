@@ -7,8 +7,9 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -20,24 +21,24 @@ METHOD_CLIS = ("sdzero.correspondence.cli", "sdzero.segmentation.cli")
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
+    from sdzero.runs import run_eval
 
-    from sdzero.runs import format_metrics, run_eval
-
-    cfg = compose(args.experiment, args.overrides)
-    metrics = run_eval(cfg)
-    if rank_zero_only.rank == 0:
-        print(format_metrics(metrics))
-    return 0
+    return _run_and_print(run_eval, args)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from sdzero.runs import run_train
+
+    return _run_and_print(run_train, args)
+
+
+def _run_and_print(runner: Callable[[Any], dict[str, Any]], args: argparse.Namespace) -> int:
+    """Compose the experiment, run it, print the metrics table on rank 0."""
     from lightning_fabric.utilities.rank_zero import rank_zero_only
 
-    from sdzero.runs import format_metrics, run_train
+    from sdzero.runs import format_metrics
 
-    cfg = compose(args.experiment, args.overrides)
-    metrics = run_train(cfg)
+    metrics = runner(compose(args.experiment, args.overrides))
     if rank_zero_only.rank == 0:
         print(format_metrics(metrics))
     return 0
