@@ -51,7 +51,9 @@ class KeypointPair:
 class KeypointPairDataset(Dataset):
     """Base of the correspondence benchmarks. Subclasses implement :meth:`_load_pairs`.
 
-    ``__getitem__`` returns ``{"index", "id", "category", "src_img", "trg_img" ((3, H, W) uint8),
+    ``__getitem__`` returns ``{"index", "id", "category", "src_name", "trg_name" (the image files'
+    paths relative to ``root``: they name the images, e.g. for feature caches), "src_img",
+    "trg_img" ((3, H, W) uint8),
     "src_kps", "trg_kps" ((N, 2) float32, x/y in original pixels), "src_bbox", "trg_bbox" ((4,) float32
     x1 y1 x2 y2, NaN when absent), "src_size", "trg_size" ((w, h))}``.
     """
@@ -73,6 +75,13 @@ class KeypointPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def image_name(self, path: Path) -> str:
+        """An image file's path relative to ``root`` (the full path if it lies elsewhere)."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
         src, trg = load_rgb(pair.src_path), load_rgb(pair.trg_path)
@@ -81,6 +90,8 @@ class KeypointPairDataset(Dataset):
             "index": index,
             "id": pair.id,
             "category": pair.category,
+            "src_name": self.image_name(pair.src_path),
+            "trg_name": self.image_name(pair.trg_path),
             "src_img": src,
             "trg_img": trg,
             "src_kps": torch.as_tensor(pair.src_kps, dtype=torch.float32).reshape(-1, 2),
