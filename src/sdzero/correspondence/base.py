@@ -22,6 +22,28 @@ from sdzero.tasks.frames import ModelFrame
 
 
 @dataclass(frozen=True)
+class PairInfo:
+    """What a method may know about a pair besides its pixels: the dataset index (keys per-pair
+    random streams), the category (class prompts) and the images' names (per-image caches and
+    streams)."""
+
+    index: int = 0
+    category: str = ""
+    src_name: str = "source"
+    trg_name: str = "target"
+
+    @classmethod
+    def of(cls, batch: dict[str, Any]) -> PairInfo:
+        """The pair of a benchmark sample."""
+        return cls(
+            int(batch["index"]),
+            str(batch["category"]),
+            str(batch.get("src_name", "source")),
+            str(batch.get("trg_name", "target")),
+        )
+
+
+@dataclass(frozen=True)
 class ScoringSettings:
     """The ``method.*`` keys of the model frame and of PCK, shared by every correspondence method;
     the subclass adds ``image_size``. Defaults are the official Hedlin code's.
@@ -89,15 +111,18 @@ class CorrespondenceModule(EvaluationModule):
         )
 
     def match(
-        self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, index: int
+        self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, pair: PairInfo
     ) -> torch.Tensor:
         """Target points ``(N, 2)`` for source ``points`` ``(N, 2)``, all ``(x, y)`` pixels of the
-        model frame; ``src``/``trg``: ``(1, 3, S, S)`` float in [0, 1] on the module's device;
-        ``index``: the pair's dataset index (keys per-pair random streams)."""
+        model frame; ``src``/``trg``: ``(1, 3, S, S)`` float in [0, 1] on the module's device."""
         raise NotImplementedError
 
     def predict_pair(
-        self, src_img: torch.Tensor, trg_img: torch.Tensor, src_kps: torch.Tensor, index: int = 0
+        self,
+        src_img: torch.Tensor,
+        trg_img: torch.Tensor,
+        src_kps: torch.Tensor,
+        pair: PairInfo | None = None,
     ) -> torch.Tensor:
         """Predicted target points ``(N, 2)`` in ORIGINAL target pixels for source points ``(N, 2)``
         in original source pixels; images are ``(3, H, W)`` uint8."""
@@ -107,12 +132,12 @@ class CorrespondenceModule(EvaluationModule):
             src_frame.image(src_img).to(self.device),
             trg_frame.image(trg_img).to(self.device),
             src_frame.to_model(src_kps.float()),
-            int(index),
+            pair or PairInfo(),
         )
         return trg_frame.to_original(pred.cpu())
 
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:
         """``(N, 2)`` predicted target points of the pair, in original target pixels."""
         return self.predict_pair(
-            batch["src_img"], batch["trg_img"], batch["src_kps"], batch["index"]
+            batch["src_img"], batch["trg_img"], batch["src_kps"], PairInfo.of(batch)
         )

@@ -30,7 +30,7 @@ def match_images(
     """
     from datamodules.files import load_rgb
     from sdzero.config import compose
-    from sdzero.correspondence.base import check_query_points
+    from sdzero.correspondence.base import PairInfo, check_query_points
     from sdzero.runs import build_method
 
     if not points:
@@ -42,7 +42,9 @@ def match_images(
     query = torch.tensor(points, dtype=torch.float32)
     check_query_points(query, src_img.shape[2], src_img.shape[1], f"source image {str(src)!r}")
     module.setup("test")
-    pred = module.predict_pair(src_img, trg_img, query)
+    pred = module.predict_pair(
+        src_img, trg_img, query, PairInfo(src_name=str(src), trg_name=str(trg))
+    )
     return src_img, trg_img, pred
 
 

@@ -14,6 +14,7 @@ meant for tests and as the template of a trained method, not for results.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +93,10 @@ class ConvMatcher(FeatureMatching):
             load_weights(self, self.settings.checkpoint)
             self.loaded = True
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, images: torch.Tensor, names: Sequence[str] = (), category: str = ""
+    ) -> torch.Tensor:
+        """``(B, 3, S, S)`` -> ``(B, channels, S/4, S/4)`` (names and category are not used)."""
         return self.net(images)
 
     # ------------------------------------------------------------------------------- training

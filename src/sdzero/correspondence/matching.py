@@ -9,10 +9,12 @@ the target cell of highest cosine similarity, reported at the cell's centre.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-from sdzero.correspondence.base import CorrespondenceModule
+from sdzero.correspondence.base import CorrespondenceModule, PairInfo
 
 
 def sample_descriptors(features: torch.Tensor, points: torch.Tensor, size: int) -> torch.Tensor:
@@ -60,14 +62,20 @@ class FeatureMatching(CorrespondenceModule):
     """A correspondence method that only defines :meth:`features`; matching is
     :func:`nearest_neighbours` of the two images' features (one extraction per image)."""
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, S, S)`` [0, 1] model-frame images -> ``(B, C, h, w)`` descriptors."""
+    def features(self, images: torch.Tensor, names: Sequence[str], category: str) -> torch.Tensor:
+        """``(B, 3, S, S)`` [0, 1] model-frame images -> ``(B, C, h, w)`` descriptors; ``names``
+        name the images (``B`` of them), ``category`` is the pair's (for class prompts)."""
         raise NotImplementedError
+
+    def image_features(self, image: torch.Tensor, name: str, category: str) -> torch.Tensor:
+        """``(C, h, w)`` descriptors of one ``(1, 3, S, S)`` image (the place a cache goes)."""
+        return self.features(image, [name], category)[0]
 
     @torch.no_grad()
     def match(
-        self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, index: int
+        self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, pair: PairInfo
     ) -> torch.Tensor:
-        feats = self.features(torch.cat([src, trg]))
+        src_feats = self.image_features(src, pair.src_name, pair.category)
+        trg_feats = self.image_features(trg, pair.trg_name, pair.category)
         size = self.settings.image_size
-        return nearest_neighbours(feats[0], feats[1], points.to(feats.device), size)
+        return nearest_neighbours(src_feats, trg_feats, points.to(src_feats.device), size)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from sdzero.backbones.sd import as_dtype, load_stable_diffusion
-from sdzero.correspondence.base import CorrespondenceModule, ScoringSettings
+from sdzero.correspondence.base import CorrespondenceModule, PairInfo, ScoringSettings
 from sdzero.correspondence.fit_config import FitConfig
 from sdzero.correspondence.fitting import PromptCorrespondence
 from sdzero.evaluation import SmokeTest
@@ -61,7 +61,7 @@ class PromptCorrespondenceModule(CorrespondenceModule):
             self.method = PromptCorrespondence(self.sd, self.settings)
 
     def match(
-        self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, index: int
+        self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, pair: PairInfo
     ) -> torch.Tensor:
         """Fit the prompts on the source, apply them to the target (per-pair random streams)."""
-        return self.method.match(src, trg, points, seed=self.seed, index=index)
+        return self.method.match(src, trg, points, seed=self.seed, index=pair.index)
