@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdzero.correspondence.base import ScoringSettings
 from sdzero.correspondence.matching import (
     FeatureMatching,
+    FeatureSettings,
     cell_centres,
     cell_of,
     sample_descriptors,
@@ -36,7 +36,7 @@ from sdzero.settings import build_settings
 
 
 @dataclass(frozen=True)
-class ConvMatcherSettings(ScoringSettings):
+class ConvMatcherSettings(FeatureSettings):
     """The ``method.*`` keys of ``conv_matcher``."""
 
     image_size: int = 64  # side of the model frame (a multiple of 4)

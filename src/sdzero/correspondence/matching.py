@@ -10,11 +10,12 @@ the target cell of highest cosine similarity, reported at the cell's centre.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from sdzero.correspondence.base import CorrespondenceModule, PairInfo
+from sdzero.correspondence.base import CorrespondenceModule, PairInfo, ScoringSettings
 
 
 def sample_descriptors(features: torch.Tensor, points: torch.Tensor, size: int) -> torch.Tensor:
@@ -56,6 +57,14 @@ def nearest_neighbours(
     ``(N, 2)``, from ``(C, h, w)`` source and target features."""
     scores = similarity(sample_descriptors(src_features, points, size), trg_features)
     return cell_centres(scores.argmax(dim=1), tuple(trg_features.shape[-2:]), size)
+
+
+@dataclass(frozen=True)
+class FeatureSettings(ScoringSettings):
+    """The ``method.*`` keys every feature-matching method has (beside the scoring keys)."""
+
+    feature_cache: str | None = None  # folder of the on-disk per-image feature cache; null: off
+    feature_cache_gb: float = 20.0  # size bound of that folder (oldest entries evicted first)
 
 
 class FeatureMatching(CorrespondenceModule):
