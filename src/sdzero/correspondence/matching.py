@@ -9,13 +9,19 @@ the target cell of highest cosine similarity, reported at the cell's centre.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from sdzero.backbones.feature_cache import MethodFeatureCache
 from sdzero.correspondence.base import CorrespondenceModule, PairInfo, ScoringSettings
+from sdzero.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def sample_descriptors(features: torch.Tensor, points: torch.Tensor, size: int) -> torch.Tensor:
@@ -61,10 +67,28 @@ def nearest_neighbours(
 
 @dataclass(frozen=True)
 class FeatureSettings(ScoringSettings):
-    """The ``method.*`` keys every feature-matching method has (beside the scoring keys)."""
+    """The ``method.*`` keys every feature-matching method has (beside the scoring keys).
+
+    ``feature_cache``: a folder where each image's features are stored once computed and read
+    back by later pairs, ranks and runs (:class:`~sdzero.backbones.feature_cache.MethodFeatureCache`
+    says what the key holds); it may be shared by runs of any method, backbone and settings.
+    ``feature_cache_gb``: its size bound in GB (10^9 bytes); the least recently used entries go
+    first.
+    """
 
     feature_cache: str | None = None  # folder of the on-disk per-image feature cache; null: off
-    feature_cache_gb: float = 20.0  # size bound of that folder (oldest entries evicted first)
+    feature_cache_gb: float = 20.0  # size bound of that folder (least recently used evicted first)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.feature_cache is not None and not self.feature_cache.strip():
+            raise ConfigError("method.feature_cache must be a folder or null (off), got ''")
+        if not self.feature_cache_gb > 0:
+            raise ConfigError(f"method.feature_cache_gb must be > 0, got {self.feature_cache_gb}")
+        if self.feature_cache is not None and Path(self.feature_cache).is_file():
+            raise ConfigError(
+                f"method.feature_cache={self.feature_cache!r} is a file; expected a folder"
+            )
 
 
 class FeatureMatching(CorrespondenceModule):
@@ -77,8 +101,41 @@ class FeatureMatching(CorrespondenceModule):
         raise NotImplementedError
 
     def image_features(self, image: torch.Tensor, name: str, category: str) -> torch.Tensor:
-        """``(C, h, w)`` descriptors of one ``(1, 3, S, S)`` image (the place a cache goes)."""
-        return self.features(image, [name], category)[0]
+        """``(C, h, w)`` descriptors of one ``(1, 3, S, S)`` image. With ``method.feature_cache``
+        set and the module in eval mode, through that cache: ``self.feature_cache`` (a
+        :class:`~sdzero.backbones.feature_cache.MethodFeatureCache`, made on the first call)
+        counts its hits and misses. A method whose features ignore the category sets
+        ``features_use_category = False``; settings that do not change its features may be named
+        in ``non_feature_keys``."""
+
+        def compute() -> torch.Tensor:
+            return self.features(image, [name], category)[0]
+
+        folder = self.settings.feature_cache
+        if folder is None or self.training:  # training: the weights change at every step
+            return compute()
+        cache = getattr(self, "feature_cache", None)
+        if cache is None or cache.folder != Path(folder):
+            bound = int(self.settings.feature_cache_gb * 1e9)
+            # the scoring and cache keys never change features
+            ignored = [f.name for f in fields(FeatureSettings)]
+            cache = self.feature_cache = MethodFeatureCache(folder, bound, ignored)
+        return cache.image_features(self, image, name, category, compute)
+
+    def on_test_end(self) -> None:
+        """Log this rank's feature-cache counts."""
+        cache = getattr(self, "feature_cache", None)
+        if cache is not None:
+            log.info(
+                "rank %d: feature cache %s: %d hits, %d misses (%d corrupt entries rebuilt), "
+                "%d entries evicted",
+                self.global_rank,
+                cache.folder,
+                cache.hits,
+                cache.misses,
+                cache.rebuilt,
+                cache.evicted,
+            )
 
     @torch.no_grad()
     def match(
