@@ -24,13 +24,25 @@ from sdzero.records import read_records
 from sdzero.runs import recompute_metrics, run_eval
 
 QUIET = ("logger=none", "trainer.enable_progress_bar=false", "visuals=0")
-METHODS = available("method")
+
+
+def _target(option):
+    return str(compose(None, ["data=synthetic_correspondence", f"method={option}"]).method._target_)
+
+
+def _methods():
+    """One option per method class (``ldm_corr_clean`` is ``ldm_corr``'s class with other keys)."""
+    first = {}
+    for option in available("method"):
+        first.setdefault(_target(option), option)
+    return sorted(first.values())
+
+
+METHODS = _methods()
 
 
 def _smoke(option):
-    cls = _import(
-        str(compose(None, ["data=synthetic_correspondence", f"method={option}"]).method._target_)
-    )
+    cls = _import(_target(option))
     smoke = getattr(cls, "smoke_test", None)
     assert smoke is not None, f"{cls.__name__} (method={option}) declares no smoke_test"
     return smoke, [f"method={option}", *smoke.overrides, *QUIET]
