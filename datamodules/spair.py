@@ -3,7 +3,10 @@
 Pairs come from ``Layout/large/<split>.txt`` in file order (the order every official loader uses);
 each name ``<pair>:<category>`` has its annotation in ``PairAnnotation/<split>/<name>.json``.
 Keypoints are kept exactly as annotated, including those on the image border; they are ``(x, y)``
-pixels of the original JPEGs.
+pixels of the original JPEGs. The pair's other annotations go into the sample's ``extra``:
+``kps_ids`` (each keypoint's slot in its category, as integers), ``mirror`` and the difficulty
+levels ``viewpoint_variation``, ``scale_variation`` (0-2: easy, medium, hard), ``truncation`` and
+``occlusion`` (0-3: none, source, target, both), each where the JSON has it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,56 @@ def _points(value: Any, path: Path, field: str) -> np.ndarray:
     return arr
 
 
+LEVELS = {
+    "mirror": 2,
+    "viewpoint_variation": 3,
+    "scale_variation": 3,
+    "truncation": 4,
+    "occlusion": 4,
+}
+"""Per-pair integer fields and their number of values (``0 .. n-1``)."""
+
+
+def _extra(rec: dict, path: Path, num_kps: int) -> dict[str, Any]:
+    """``kps_ids`` (as ints, one per keypoint) and the integer fields of :data:`LEVELS` that the
+    pair JSON has, each checked."""
+    extra: dict[str, Any] = {}
+    if "kps_ids" in rec:
+        try:
+            ids = [int(i) for i in rec["kps_ids"]]
+        except (TypeError, ValueError) as err:
+            raise DatasetFormatError(
+                f"{str(path)!r}: field 'kps_ids' must be a list of keypoint ids such as \"3\""
+            ) from err
+        if len(ids) != num_kps or any(i < 0 for i in ids):
+            raise DatasetFormatError(
+                f"{str(path)!r}: field 'kps_ids' must hold one id >= 0 per keypoint ({num_kps}), "
+                f"got {rec['kps_ids']}"
+            )
+        extra["kps_ids"] = ids
+    for name, count in LEVELS.items():
+        if name not in rec:
+            continue
+        value = rec[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < count:
+            raise DatasetFormatError(
+                f"{str(path)!r}: field {name!r} is {value!r}; expected an integer 0..{count - 1}"
+            )
+        extra[name] = value
+    return extra
+
+
+def first_per_category(names: list[tuple[str, str]], count: int) -> list[tuple[str, str]]:
+    """The first ``count`` of each category's ``(name, category)`` items, in the given order."""
+    seen: dict[str, int] = {}
+    kept = []
+    for name, category in names:
+        seen[category] = seen.get(category, 0) + 1
+        if seen[category] <= count:
+            kept.append((name, category))
+    return kept
+
+
 def _box(value: Any, path: Path, field: str) -> np.ndarray:
     """A JSON ``[x1, y1, x2, y2]`` as a ``(4,)`` float array."""
     try:
@@ -63,6 +116,8 @@ class SPairDataset(KeypointPairDataset):
     :param root: the ``SPair-71k`` folder or any folder containing it.
     :param split: ``"test"`` (12,234 pairs), ``"val"`` or ``"trn"``.
     :param category: ``None`` for all categories, one category name, or a list of names.
+    :param per_category: keep only the first ``per_category`` pairs of each category (in layout
+        order; SD-DINO evaluates 20 per category), or ``None`` for all.
 
     Boxes are ``src_bndbox``/``trg_bndbox`` ``[x1, y1, x2, y2]`` in original pixels.
     """
@@ -70,12 +125,18 @@ class SPairDataset(KeypointPairDataset):
     name = "spair71k"
 
     def __init__(
-        self, root: str | Path, split: str = "test", category: str | Sequence[str] | None = None
+        self,
+        root: str | Path,
+        split: str = "test",
+        category: str | Sequence[str] | None = None,
+        per_category: int | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(f"data.split: SPair-71k split must be one of {SPLITS}, got {split!r}")
+        check_per_category(per_category)
         self.split = split
         self.categories = [category] if isinstance(category, str) else category
+        self.per_category = per_category
         super().__init__(root)
 
     def _load_pairs(self) -> list[KeypointPair]:
@@ -92,6 +153,8 @@ class SPairDataset(KeypointPairDataset):
                     f"available: {available}"
                 )
             names = [(name, cat) for name, cat in names if cat in self.categories]
+        if self.per_category is not None:
+            names = first_per_category(names, int(self.per_category))
         pairs = [self._read_pair(top, name, cat) for name, cat in names]
         for path in sorted({p for pair in pairs for p in (pair.src_path, pair.trg_path)}):
             if not path.is_file():
@@ -146,6 +209,15 @@ class SPairDataset(KeypointPairDataset):
             trg_kps=trg_kps,
             src_bbox=_box(require(rec, "src_bndbox", path), path, "src_bndbox"),
             trg_bbox=_box(require(rec, "trg_bndbox", path), path, "trg_bndbox"),
+            extra=_extra(rec, path, len(src_kps)),
+        )
+
+
+def check_per_category(per_category: int | None) -> None:
+    """:class:`ConfigError` unless ``data.per_category`` is a positive integer or null."""
+    if per_category is not None and (isinstance(per_category, bool) or int(per_category) < 1):
+        raise ConfigError(
+            f"data.per_category must be a positive integer or null, got {per_category!r}"
         )
 
 
@@ -155,6 +227,8 @@ class SPairDataModule(TrainableDataModule):
     :param split: the evaluated split: ``test`` (default), ``val`` or ``trn``; ``train_split`` /
         ``val_split`` are those ``sdzero train`` uses (see :class:`TrainableDataModule`).
     :param category: ``None`` (all), a category name, or a list of names.
+    :param per_category: evaluate the first ``per_category`` pairs of each category (layout order;
+        ``limit`` then takes the head of that subset); the training splits stay whole.
     """
 
     def __init__(
@@ -162,6 +236,7 @@ class SPairDataModule(TrainableDataModule):
         root: str,
         split: str = "test",
         category: str | Sequence[str] | None = None,
+        per_category: int | None = None,
         limit: int | None = None,
         num_workers: int = 0,
         train_split: str | None = "trn",
@@ -171,11 +246,13 @@ class SPairDataModule(TrainableDataModule):
     ) -> None:
         splits = (train_split, val_split, batch_size, train_limit)
         super().__init__(root, limit, num_workers, *splits)
+        check_per_category(per_category)
         self.split = split
         self.category = category
+        self.per_category = per_category
 
     def build_dataset(self) -> SPairDataset:
-        return self.build_split(self.split)
+        return SPairDataset(self.root, self.split, self.category, self.per_category)
 
     def build_split(self, split: str) -> SPairDataset:
         return SPairDataset(self.root, split=split, category=self.category)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.spair import SPairDataset
+from datamodules.spair import SPairDataset, check_per_category
 from datamodules.training import TrainableDataModule
 
 KINDS = ("transform", "shift", "identical")
@@ -284,6 +284,8 @@ class SyntheticCorrespondenceDataModule(TrainableDataModule):
     :param kind: ``transform``, ``shift`` or ``identical`` (see the module docstring).
     :param image_size: source side in pixels (a multiple of 64).
     :param seed: generator seed.
+    :param per_category: evaluate the first ``per_category`` test pairs of each category (as
+        ``data.per_category`` of SPair-71k).
     """
 
     def __init__(
@@ -293,6 +295,7 @@ class SyntheticCorrespondenceDataModule(TrainableDataModule):
         kind: str = "transform",
         image_size: int = 128,
         seed: int = 0,
+        per_category: int | None = None,
         limit: int | None = None,
         num_workers: int = 0,
         num_train_pairs: int = 0,
@@ -303,6 +306,7 @@ class SyntheticCorrespondenceDataModule(TrainableDataModule):
         train_limit: int | None = None,
     ) -> None:
         _check_args(num_pairs, image_size, kind)
+        check_per_category(per_category)
         splits = (train_split, val_split, batch_size, train_limit)
         super().__init__(root, limit, num_workers, *splits)
         self.counts = (int(num_pairs), int(num_train_pairs), int(num_val_pairs))
@@ -310,10 +314,11 @@ class SyntheticCorrespondenceDataModule(TrainableDataModule):
         self.kind = kind
         self.image_size = int(image_size)
         self.seed = int(seed)
+        self.per_category = per_category
         self.data_dir: Path | None = None
 
     def build_dataset(self) -> SyntheticSPairDataset:
-        return self.build_split("test")
+        return SyntheticSPairDataset(self._materialise(), "test", per_category=self.per_category)
 
     def build_split(self, split: str) -> SyntheticSPairDataset:
         return SyntheticSPairDataset(self._materialise(), split=split)

@@ -149,6 +149,12 @@ class TaskMetrics(SampleCallback):
         self.metrics = summary
         if trainer.global_rank == 0 and self.run_dir is not None:
             write_json_atomic(self.run_dir / "metrics.json", summary)
+            charts = task.charts(summary) if hasattr(task, "charts") else {}
+            for name, chart in charts.items():  # the task's bar charts, into visuals/
+                (self.run_dir / "visuals").mkdir(exist_ok=True)
+                chart.save(self.run_dir / "visuals" / name)
+                if _is_wandb(pl_module.logger):
+                    pl_module.logger.log_image(key=f"charts/{name}", images=[chart])
         if pl_module.logger is not None:
             flat = {k: v for k, v in _flatten(summary).items() if isinstance(v, (int, float))}
             pl_module.logger.log_metrics(flat)

@@ -175,12 +175,16 @@ class PCK(Metric):
         self.add_state("num_points", torch.zeros(len(categories), dtype=torch.long), "sum")
         self.add_state("num_empty_pairs", torch.zeros((), dtype=torch.long), "sum")
 
+    float64_states: tuple[str, ...] = ("percent_sum",)
+    """States that stay float64 whatever the module's dtype."""
+
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> Module:
-        """Move the states with the module, but keep ``percent_sum`` float64: ``module.to(dtype)``
-        (Lightning's ``*-true`` precisions) would round the sums."""
-        this = super()._apply(fn, exclude_state=(*exclude_state, "percent_sum"))
-        this.percent_sum = this.percent_sum.to(this.device)
-        this._defaults["percent_sum"] = this._defaults["percent_sum"].to(this.device)
+        """Move the states with the module, but keep :attr:`float64_states` float64:
+        ``module.to(dtype)`` (Lightning's ``*-true`` precisions) would round the sums."""
+        this = super()._apply(fn, exclude_state=(*exclude_state, *self.float64_states))
+        for name in self.float64_states:
+            setattr(this, name, getattr(this, name).to(this.device))
+            this._defaults[name] = this._defaults[name].to(this.device)
         return this
 
     def update(
@@ -204,6 +208,22 @@ class PCK(Metric):
         :param threshold_size: the length alpha multiplies; when given it replaces the one computed
             from the metric's ``threshold`` kind (prediction records store it).
         """
+        self._score(
+            pred,
+            target,
+            category,
+            src_bbox=src_bbox,
+            trg_bbox=trg_bbox,
+            trg_size=trg_size,
+            threshold_size=threshold_size,
+        )
+
+    def _score(
+        self, pred: Any, target: Any, category: str, **threshold_inputs: Any
+    ) -> tuple[int, Tensor] | None:
+        """Check and score one pair into the state (see :meth:`update`); returns its category row and
+        its hits ``(A, N)`` bool, or None for a pair without keypoints."""
+        threshold_size = threshold_inputs.pop("threshold_size")
         pred = _as_points(pred, "pred")
         target = _as_points(target, "target")
         if pred.shape != target.shape:
@@ -218,15 +238,9 @@ class PCK(Metric):
         row = self._category_row[category]
         if len(target) == 0:  # no PCK, so no threshold is needed
             self.num_empty_pairs += 1
-            return
+            return None
         if threshold_size is None:
-            size = _threshold_size(
-                self.threshold,
-                trg_kps=target,
-                src_bbox=src_bbox,
-                trg_bbox=trg_bbox,
-                trg_size=trg_size,
-            )
+            size = _threshold_size(self.threshold, trg_kps=target, **threshold_inputs)
         else:
             size = float(threshold_size)
             if not size > 0 or size == float("inf"):
@@ -240,6 +254,7 @@ class PCK(Metric):
         self.num_points[row] += len(target)
         self.correct[row] += correct.to(self.device)
         self.percent_sum[row] += (100.0 * correct.double() / len(target)).to(self.device)
+        return row, hits
 
     def compute(self) -> dict[str, Any]:
         """PCK in percent.

@@ -6,6 +6,11 @@ source keypoint of the pair. Errors are measured in ``frame``: ``original`` (tar
 measures); ``threshold`` names the length alpha multiplies (:func:`~sdzero.metrics.pck.threshold_size`,
 plus ``bbox-target-xscale``, the official CUB quirk: the target box's longer side in original pixels
 times the x-axis scale only, defined in the resized frame).
+
+A sample's ``extra`` (SPair-71k: ``kps_ids``, ``mirror``, the difficulty levels) is kept in its
+record, so the breakdowns of :class:`~sdzero.metrics.pck_breakdown.PCKBreakdown` are recomputable
+from the records alone. ``protocol`` names the scoring preset the run used
+(:mod:`sdzero.tasks.protocols`); the runner sets it from the config's top-level ``protocol``.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdzero.metrics.pck import PCK, THRESHOLD_KINDS, threshold_size
+from sdzero.metrics.pck import THRESHOLD_KINDS, threshold_size
+from sdzero.metrics.pck_breakdown import DIFFICULTY_LEVELS, LEVEL_NAMES, PCKBreakdown
 from sdzero.tasks.base import Task
 from sdzero.tasks.frames import ModelFrame
+from sdzero.tasks.protocols import AVERAGES, get_protocol
 
 FRAMES = ("original", "resized")
 XSCALE = "bbox-target-xscale"
@@ -58,16 +65,22 @@ class CorrespondenceTask(Task):
 
     name = "correspondence"
 
-    def __init__(self, scoring: Scoring, categories: Sequence[str]) -> None:
-        """``categories``: every category of the split (the datamodule's ``category_names``)."""
+    def __init__(
+        self, scoring: Scoring, categories: Sequence[str], protocol: str | None = None
+    ) -> None:
+        """``categories``: every category of the split (the datamodule's ``category_names``);
+        ``protocol``: the name of the scoring preset the config applied, or None."""
         self.scoring = scoring
+        self.protocol = protocol
         kind = "bbox-target" if scoring.threshold == XSCALE else scoring.threshold
-        self.metric = PCK(
+        self.metric = PCKBreakdown(
             categories, alphas=scoring.alphas, threshold=kind, inclusive=scoring.inclusive
         )
 
     def record(self, batch: dict[str, Any], prediction: torch.Tensor) -> dict[str, Any]:
-        """``prediction``: ``(N, 2)`` target points in original target pixels."""
+        """``prediction``: ``(N, 2)`` target points in original target pixels. The sample's
+        non-empty ``extra`` is kept as the record's ``extra``."""
+        extra = {"extra": dict(batch["extra"])} if batch.get("extra") else {}
         return {
             "index": int(batch["index"]),
             "id": str(batch["id"]),
@@ -78,6 +91,7 @@ class CorrespondenceTask(Task):
             "src_size": list(batch["src_size"]),
             "trg_size": list(batch["trg_size"]),
             "threshold_size": self.threshold_size(batch),
+            **extra,
         }
 
     def _frame(self, size_wh: Any) -> ModelFrame:
@@ -121,14 +135,24 @@ class CorrespondenceTask(Task):
         predictions: Path | None = None,
     ) -> None:
         pred, target = self.scoring_points(record)
+        extra = record.get("extra", {})
         self.metric.update(
             pred,
             target,
             category=record["category"],
             threshold_size=record["threshold_size"],
+            kps_ids=extra.get("kps_ids"),
+            difficulty={k: extra[k] for k in DIFFICULTY_LEVELS if k in extra},
         )
 
     def summary(self, computed: dict[str, Any]) -> dict[str, Any]:
+        """The contract's keys, then ``inclusive``, ``per_category_point``, ``pck_category_mean``,
+        ``pck_point_category_mean``; ``by_difficulty`` and ``per_keypoint`` when the records carry
+        them; ``protocol`` and its ``averages`` when a preset was applied."""
+        optional = [key for key in ("by_difficulty", "per_keypoint") if key in computed]
+        preset = {}
+        if self.protocol is not None:
+            preset = {"protocol": self.protocol, "averages": list(self.averages)}
         return {
             "task": "correspondence",
             "num_pairs": int(computed["num_pairs"]),
@@ -139,13 +163,64 @@ class CorrespondenceTask(Task):
             "frame": self.scoring.frame,
             "per_category": computed["per_category"],
             "seconds_per_pair": computed["seconds_per_sample"],
+            "inclusive": self.scoring.inclusive,
+            "per_category_point": computed["per_category_point"],
+            "pck_category_mean": computed["pck_category_mean"],
+            "pck_point_category_mean": computed["pck_point_category_mean"],
+            **{key: computed[key] for key in optional},
+            **preset,
         }
 
+    @property
+    def averages(self) -> tuple[str, ...]:
+        """The ``metrics.json`` averages the protocol reports, headline first (all four without
+        one)."""
+        return AVERAGES if self.protocol is None else get_protocol(self.protocol).averages
+
     def tables(self, summary: dict[str, Any]) -> dict[str, tuple[list[str], list[list[Any]]]]:
-        """``per_category``: one row per category, one column per alpha."""
+        """``per_category`` and ``per_category_point``: one row per category, one column per
+        alpha; ``by_difficulty``: one row per factor level (per pair, then pooled);
+        ``per_keypoint``: one row per category and keypoint id (pooled)."""
         alphas = [str(a) for a in self.scoring.alphas]
-        rows = [[name, *(v[a] for a in alphas)] for name, v in summary["per_category"].items()]
-        return {"per_category": (["name", *alphas], rows)}
+        tables = {
+            key: (
+                ["name", *alphas],
+                [[n, *(v[a] for a in alphas)] for n, v in summary[key].items()],
+            )
+            for key in ("per_category", "per_category_point")
+        }
+        if "by_difficulty" in summary:
+            columns = ["factor", "level", "name", "num_pairs", "num_points"]
+            columns += [f"pck@{a}" for a in alphas] + [f"pck_point@{a}" for a in alphas]
+            rows = [
+                [factor, int(level), LEVEL_NAMES[factor][int(level)], v["num_pairs"]]
+                + [v["num_points"], *(v["pck"][a] for a in alphas)]
+                + [v["pck_point"][a] for a in alphas]
+                for factor, levels in summary["by_difficulty"].items()
+                for level, v in levels.items()
+            ]
+            tables["by_difficulty"] = (columns, rows)
+        if "per_keypoint" in summary:
+            rows = [
+                [name, int(kid), v["num_points"], *(v["pck_point"][a] for a in alphas)]
+                for name, ids in summary["per_keypoint"].items()
+                for kid, v in ids.items()
+            ]
+            tables["per_keypoint"] = (["category", "kps_id", "num_points", *alphas], rows)
+        return tables
+
+    def charts(self, summary: dict[str, Any]) -> dict[str, Image.Image]:
+        """``{"pck_breakdown.png": bar chart}``: per-image and per-point PCK at the headline alpha
+        by difficulty level (when the records carry levels) and by category."""
+        from sdzero.tasks.charts import breakdown_chart
+
+        return {"pck_breakdown.png": breakdown_chart(summary, self.headline_alpha)}
+
+    @property
+    def headline_alpha(self) -> str:
+        """The alpha charts show: 0.1 (every paper's table has it) when scored, else the largest."""
+        alphas = [str(a) for a in self.scoring.alphas]
+        return "0.1" if "0.1" in alphas else max(alphas, key=float)
 
     def visual(self, record: dict[str, Any], batch: dict[str, Any], prediction: Any) -> Image.Image:
         from sdzero.tasks.viz import draw_matches
