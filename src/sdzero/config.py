@@ -6,6 +6,10 @@ NAME.yaml`` or any YAML path) may re-choose groups in its own ``defaults`` list 
 command-line ``key=value`` items come last: ``backbone=tiny`` re-chooses a group, ``method.lr=0.01``
 sets a key. The composed config is the schema: a key that does not exist in it is an error naming the
 closest valid keys, and a required value left as ``???`` is an error naming the key.
+
+``protocol=<name>`` (top level; :mod:`sdzero.tasks.protocols`) applies a correspondence scoring
+preset's ``method.pck_*`` values after the experiment and before the command line's other items,
+so an explicit ``method.pck_*=...`` still wins.
 """
 
 from __future__ import annotations
@@ -211,6 +215,7 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
     _check_known(cfg, leaf_keys(exp_cfg), f"experiment {experiment!r}")
     cfg = OmegaConf.merge(cfg, exp_cfg)
     _check_known(cfg, _dotlist_keys(dotlist), "the command line")
+    cfg = _apply_protocol(cfg, dotlist)
     for item in dotlist:  # one at a time, so that a value of the wrong shape names its key
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item.lstrip("+")]))
@@ -237,6 +242,26 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
             values.pop("_target_")
             build_settings(cls, values, key=group)
     return cfg
+
+
+def _apply_protocol(cfg: DictConfig, dotlist: Sequence[str]) -> DictConfig:
+    """``cfg`` with the ``method.pck_*`` values of the protocol that the command line (its last
+    ``protocol=`` item) or else the experiment names; unchanged for ``null``."""
+    items = [i for i in dotlist if i.split("=", 1)[0].strip().lstrip("+") == "protocol"]
+    name = OmegaConf.from_dotlist([items[-1].lstrip("+")]).protocol if items else cfg.protocol
+    if name is None:
+        return cfg
+    from sdzero.tasks.protocols import get_protocol
+
+    values = get_protocol(str(name)).method_values(cfg.choices.data)
+    missing = [key for key in values if key not in cfg.method]
+    if missing:
+        raise ConfigError(
+            f"protocol={name}: method {cfg.choices.method!r} has no PCK scoring keys "
+            f"({', '.join('method.' + k for k in missing)}); protocols apply to correspondence "
+            "methods only"
+        )
+    return OmegaConf.merge(cfg, {"protocol": str(name), "method": values})
 
 
 def _import(target: str) -> Any:
