@@ -5,6 +5,10 @@ the folder holding ``PF-dataset/``) and 40 numbers: 10 source x, 10 source y, 10
 y, in original pixels as annotated (no offset is applied). A keypoint is kept only where it is valid
 in both images: finite and non-negative (``-1`` pads a missing keypoint). PF-Willow has no object
 boxes; the metric builds the PCK threshold from the keypoints.
+
+Two layouts are found: the archive's (``PF-dataset/<subclass>/`` beside the CSV) and the one the
+official Hedlin (and CATs) code reads, ``PF-WILLOW/`` holding the CSV and the ``<subclass>/``
+folders directly, where the CSV paths' first component (``PF-dataset/``) is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +27,24 @@ NUM_KPS = 10
 LAYOUT = """\
 <folder>/
   PF-dataset/<subclass>/<image>.png      subclasses like car(G), duck(S), winebottle(woC)
-  test_pairs.csv  or  test_pairs_pf.csv  header imageA,imageB,... then 2 paths + 40 coordinates"""
+  test_pairs.csv  or  test_pairs_pf.csv  header imageA,imageB,... then 2 paths + 40 coordinates
+or, as the official Hedlin/CATs code reads it:
+PF-WILLOW/
+  <subclass>/<image>.png
+  test_pairs.csv                         paths PF-dataset/<subclass>/<image>.png as above"""
+
+
+def _existing(csv_path: Path) -> Path:
+    if not csv_path.is_file():
+        raise DatasetFormatError(f"PF-Willow pair file {str(csv_path)!r} does not exist")
+    return csv_path
+
+
+def _first_image(csv_path: Path) -> Path | None:
+    """The first pair's source image path as the CSV writes it, or None."""
+    with open(csv_path, newline="") as f:
+        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    return Path(rows[1][0].strip()) if len(rows) > 1 else None
 
 
 class PFWillowDataset(KeypointPairDataset):
@@ -43,26 +64,49 @@ class PFWillowDataset(KeypointPairDataset):
         self.pairs_file = pairs_file
         super().__init__(root)
 
-    def _locate(self) -> tuple[Path, Path]:
-        """The dataset folder and the pair CSV."""
+    def _locate(self) -> tuple[Path, Path, int]:
+        """The folder the CSV's image paths start from, the pair CSV, and how many leading
+        components of those paths to drop: 0 in the archive's layout (``PF-dataset/`` beside the
+        CSV), 1 in Hedlin's (``PF-WILLOW/`` holds the CSV and the subclass folders)."""
         if self.pairs_file is not None and Path(self.pairs_file).is_absolute():
-            top = find_dataset_root(self.root, ["PF-dataset"], LAYOUT, self.name)
-            csv_path = Path(self.pairs_file)
-            if not csv_path.is_file():
-                raise DatasetFormatError(f"PF-Willow pair file {str(csv_path)!r} does not exist")
-            return top, csv_path
+            csv_path = _existing(Path(self.pairs_file))
+            first = _first_image(csv_path)
+            for drop in (0, 1):
+                markers = [Path(*first.parts[drop:]).as_posix()] if first else ["PF-dataset"]
+                try:
+                    return find_dataset_root(self.root, markers, LAYOUT, self.name), csv_path, drop
+                except DatasetNotFoundError:
+                    if first is None:
+                        raise
+            raise DatasetNotFoundError(
+                f"{self.name}: no folder under {str(self.root)!r} (searched it and two levels "
+                f"below) holds {first} (the first image of {str(csv_path)!r}), with or without "
+                f"its first folder. Expected the unpacked official dataset, laid out as:\n{LAYOUT}"
+            )
         names = PAIR_FILES if self.pairs_file is None else (self.pairs_file,)
-        for name in names[:-1]:
+        for name in names:
             try:
                 top = find_dataset_root(self.root, ["PF-dataset", name], LAYOUT, self.name)
-                return top, top / name
+                return top, top / name, 0
+            except DatasetNotFoundError:
+                pass
+        for name in names:
+            try:
+                top = find_dataset_root(self.root, [name], LAYOUT, self.name)
             except DatasetNotFoundError:
                 continue
-        top = find_dataset_root(self.root, ["PF-dataset", names[-1]], LAYOUT, self.name)
-        return top, top / names[-1]
+            first = _first_image(top / name)
+            if first is not None and (top / Path(*first.parts[1:])).is_file():
+                return top, top / name, 1
+        raise DatasetNotFoundError(
+            f"{self.name}: no folder under {str(self.root)!r} (searched it and two levels below) "
+            f"holds PF-dataset/ and the pair CSV ({' or '.join(names)}), nor the CSV beside the "
+            f"subclass folders of its images. Expected the unpacked official dataset, laid out "
+            f"as:\n{LAYOUT}"
+        )
 
     def _load_pairs(self) -> list[KeypointPair]:
-        top, csv_path = self._locate()
+        top, csv_path, drop = self._locate()
         with open(csv_path, newline="") as f:
             rows = list(csv.reader(f))
         if not rows or [c.strip() for c in rows[0][:2]] != ["imageA", "imageB"]:
@@ -74,7 +118,7 @@ class PFWillowDataset(KeypointPairDataset):
         for lineno, row in enumerate(rows[1:], 2):
             if not any(cell.strip() for cell in row):
                 continue
-            pair = self._parse_row(top, csv_path, lineno, row)
+            pair = self._parse_row(top, drop, csv_path, lineno, row)
             if pair is not None:
                 pairs.append(pair)
         for path in sorted({p for pair in pairs for p in (pair.src_path, pair.trg_path)}):
@@ -85,8 +129,9 @@ class PFWillowDataset(KeypointPairDataset):
         return pairs
 
     def _parse_row(
-        self, top: Path, csv_path: Path, lineno: int, row: list[str]
+        self, top: Path, drop: int, csv_path: Path, lineno: int, row: list[str]
     ) -> KeypointPair | None:
+        """One CSV row; its image paths lose their first ``drop`` components."""
         where = f"{str(csv_path)!r} line {lineno}"
         if len(row) != 2 + 4 * NUM_KPS:
             raise DatasetFormatError(
@@ -112,8 +157,8 @@ class PFWillowDataset(KeypointPairDataset):
         return KeypointPair(
             id=f"{lineno - 2:03d}-{src_rel.stem}-{trg_rel.stem}",
             category=subclass.split("(")[0],
-            src_path=top / src_rel,
-            trg_path=top / trg_rel,
+            src_path=top / Path(*src_rel.parts[drop:]),
+            trg_path=top / Path(*trg_rel.parts[drop:]),
             src_kps=src[valid],
             trg_kps=trg[valid],
         )
