@@ -99,3 +99,16 @@ def test_offline_wandb_run_holds_the_final_metrics(tmp_path):
         assert float(logged[f"pck/{alpha}"]) == pytest.approx(value)
     assert logged["per_category/_type"] == '"table-file"'
     assert logged["visuals/_type"] == '"images/separated"'
+
+
+def test_more_ranks_than_samples_give_the_one_process_metrics(tmp_path):
+    """3 ranks, 2 pairs: the idle rank runs one padding sample and contributes nothing."""
+    common = ["data.num_pairs=2", "logger=none", "trainer.enable_progress_bar=false"]
+    eval_ok("demo_train", tmp_path / "one", *common)
+    ddp = ["trainer.strategy=ddp", "trainer.devices=3", "trainer.accelerator=cpu"]
+    eval_ok("demo_train", tmp_path / "three", *common, *ddp)
+    counts = {
+        p.name: len(list(read_records(p))) for p in (tmp_path / "three" / "predictions").glob("*")
+    }
+    assert counts == {"rank0.jsonl": 1, "rank1.jsonl": 1, "rank2.jsonl": 0}
+    assert metrics(tmp_path / "three") == metrics(tmp_path / "one")

@@ -51,7 +51,8 @@ class SampleCallback(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.on_sample(trainer, pl_module, outputs, batch, batch_idx)
+        if not outputs.get("padding"):  # a rank without samples runs one padding sample
+            self.on_sample(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_sample(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
