@@ -13,8 +13,8 @@ under ``configs/data/``; everything else (limit, loaders, errors, collation) liv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class KeypointPair:
 
     ``src_kps``/``trg_kps``: ``(N, 2)`` float arrays of corresponding points (only those annotated in
     both images). ``*_bbox``: ``[x1, y1, x2, y2]`` object box, or ``None`` where the dataset has none.
+    ``extra``: the dataset's other per-pair annotations as JSON values (SPair-71k: ``kps_ids``,
+    ``mirror`` and the difficulty levels), empty where it has none.
     """
 
     id: str
@@ -47,6 +49,7 @@ class KeypointPair:
     trg_kps: np.ndarray
     src_bbox: np.ndarray | None = None
     trg_bbox: np.ndarray | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 class KeypointPairDataset(Dataset):
@@ -56,7 +59,8 @@ class KeypointPairDataset(Dataset):
     paths relative to ``root``: they name the images, e.g. for feature caches), "src_img",
     "trg_img" ((3, H, W) uint8),
     "src_kps", "trg_kps" ((N, 2) float32, x/y in original pixels), "src_bbox", "trg_bbox" ((4,) float32
-    x1 y1 x2 y2, NaN when absent), "src_size", "trg_size" ((w, h))}``.
+    x1 y1 x2 y2, NaN when absent), "src_size", "trg_size" ((w, h)), "extra" (the pair's other
+    annotations, a dict of JSON values, see :class:`KeypointPair`)}``.
     """
 
     name = "keypoint-pairs"
@@ -105,6 +109,7 @@ class KeypointPairDataset(Dataset):
             ),
             "src_size": (int(src.shape[2]), int(src.shape[1])),
             "trg_size": (int(trg.shape[2]), int(trg.shape[1])),
+            "extra": dict(pair.extra),
         }
 
 
