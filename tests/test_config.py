@@ -37,7 +37,7 @@ def test_every_group_option_composes_and_instantiates(tmp_path):
                 logger = build_logger(cfg, tmp_path)
                 assert (logger is False) == (option == "none")
             elif group == "backbone":
-                assert node.arch in {"sd14", "sd15", "sd21-base", "tiny"}
+                assert node.arch in {"sd14", "sd15", "sd21-base", "sd21", "tiny"}
 
 
 def test_every_experiment_composes_and_instantiates(tmp_path):

