@@ -4,7 +4,10 @@ A feature method maps a batch of model-frame images ``(B, 3, S, S)`` to dense de
 ``(B, C, h, w)`` on a grid over the ``S x S`` frame (cell ``(i, j)`` covers model pixels
 ``[j S/w, (j+1) S/w) x [i S/h, (i+1) S/h)``; coordinates are continuous, 0 = the frame's left/top
 edge). A source point's descriptor is bilinearly sampled from its grid at the point; its match is
-the target cell of highest cosine similarity, reported at the cell's centre.
+the target cell of highest cosine similarity, reported at the cell's centre. A method whose
+settings have ``match_resolution=image`` matches instead as DIFT's official code does
+(:func:`nearest_pixels`): both maps upsampled to their original images' pixel grids, the argmax
+pixel.
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from sdzero.backbones.feature_cache import MethodFeatureCache
-from sdzero.correspondence.base import CorrespondenceModule, PairInfo, ScoringSettings
+from sdzero.correspondence.base import (
+    CorrespondenceModule,
+    PairInfo,
+    ScoringSettings,
+    check_query_points,
+)
 from sdzero.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,6 +71,51 @@ def nearest_neighbours(
     ``(N, 2)``, from ``(C, h, w)`` source and target features."""
     scores = similarity(sample_descriptors(src_features, points, size), trg_features)
     return cell_centres(scores.argmax(dim=1), tuple(trg_features.shape[-2:]), size)
+
+
+# method.match_resolution: cell (nearest_neighbours) | image (nearest_pixels)
+MATCH_RESOLUTIONS = ("cell", "image")
+
+
+def check_match_resolution(value: str, resize: str) -> None:
+    """:class:`ConfigError` naming ``method.match_resolution`` unless ``value`` is one of
+    ``MATCH_RESOLUTIONS``; ``image`` needs ``method.resize=stretch`` (the features must cover the
+    whole image to be upsampled onto it)."""
+    if value not in MATCH_RESOLUTIONS:
+        raise ConfigError(
+            f"method.match_resolution must be one of {list(MATCH_RESOLUTIONS)}, got {value!r}"
+        )
+    if value == "image" and resize != "stretch":
+        raise ConfigError(
+            f"method.match_resolution=image needs method.resize=stretch, got {resize!r} "
+            "(letterboxed features do not cover the image); use match_resolution=cell"
+        )
+
+
+def nearest_pixels(
+    src_features: torch.Tensor,
+    trg_features: torch.Tensor,
+    points: torch.Tensor,
+    src_hw: tuple[int, int],
+    trg_hw: tuple[int, int],
+) -> torch.Tensor:
+    """DIFT's matching rule, at image resolution: matches ``(N, 2)`` of source ``points``
+    ``(N, 2)``, both ``(x, y)`` pixels of the ORIGINAL images, from ``(C, h, w)`` features of each
+    image stretched to its model frame.
+
+    Each map is upsampled bilinearly (``align_corners=False``) to its image's ``(H, W)`` pixel
+    grid; pixel (row ``r``, column ``c``) stands at ``(x, y) = (c, r)``, the official convention
+    (integer keypoints index pixels). A source point reads the pixel nearest to it; its match is
+    the target pixel of highest cosine similarity (the first in row-major order on ties).
+    """
+    src_up = F.interpolate(src_features[None], size=src_hw, mode="bilinear", align_corners=False)
+    cols = torch.floor(points[:, 0] + 0.5).long().clamp(0, src_hw[1] - 1)
+    rows = torch.floor(points[:, 1] + 0.5).long().clamp(0, src_hw[0] - 1)
+    descriptors = src_up[0][:, rows, cols].T
+    del src_up
+    trg_up = F.interpolate(trg_features[None], size=trg_hw, mode="bilinear", align_corners=False)
+    best = similarity(descriptors, trg_up[0]).argmax(dim=1)
+    return torch.stack([best % trg_hw[1], best // trg_hw[1]], dim=1).float()
 
 
 @dataclass(frozen=True)
@@ -145,3 +198,33 @@ class FeatureMatching(CorrespondenceModule):
         trg_feats = self.image_features(trg, pair.trg_name, pair.category)
         size = self.settings.image_size
         return nearest_neighbours(src_feats, trg_feats, points.to(src_feats.device), size)
+
+    def predict_pair(
+        self,
+        src_img: torch.Tensor,
+        trg_img: torch.Tensor,
+        src_kps: torch.Tensor,
+        pair: PairInfo | None = None,
+    ) -> torch.Tensor:
+        """As :meth:`CorrespondenceModule.predict_pair` (original pixels in and out). With
+        ``method.match_resolution=image`` (a key of the method's settings; ``cell`` where it has
+        none) the match is :func:`nearest_pixels` on the original images' pixel grids instead of
+        :meth:`match` in the model frame."""
+        if getattr(self.settings, "match_resolution", "cell") == "cell":
+            return super().predict_pair(src_img, trg_img, src_kps, pair)
+        pair = pair or PairInfo()
+        src_frame, trg_frame = self.frame(src_img), self.frame(trg_img)
+        check_query_points(src_kps, src_frame.w, src_frame.h)
+        with torch.no_grad():
+            src = src_frame.image(src_img).to(self.device)
+            trg = trg_frame.image(trg_img).to(self.device)
+            src_feats = self.image_features(src, pair.src_name, pair.category)
+            trg_feats = self.image_features(trg, pair.trg_name, pair.category)
+            pred = nearest_pixels(
+                src_feats,
+                trg_feats,
+                src_kps.to(src_feats.device, torch.float32),
+                (src_frame.h, src_frame.w),
+                (trg_frame.h, trg_frame.w),
+            )
+        return pred.cpu()

@@ -15,20 +15,29 @@ import torch.nn.functional as F
 from PIL import Image
 
 RESIZE_MODES = ("stretch", "letterbox")
+# PIL filters of the resize to the model frame: bilinear (Hedlin's loaders), bicubic (PIL's default
+# for ``Image.resize``, which DIFT's official code relies on).
+RESAMPLE_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
 @dataclass(frozen=True)
 class ModelFrame:
-    """Geometry of one image: original ``(w, h)``, model side ``size``, ``mode``."""
+    """Geometry of one image: original ``(w, h)``, model side ``size``, ``mode``; ``resample``
+    names the PIL filter :meth:`image` resizes with (a key of ``RESAMPLE_FILTERS``)."""
 
     w: int
     h: int
     size: int
     mode: str = "stretch"
+    resample: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.mode not in RESIZE_MODES:
             raise ValueError(f"method.resize must be one of {RESIZE_MODES}, got {self.mode!r}")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(
+                f"method.resample must be one of {list(RESAMPLE_FILTERS)}, got {self.resample!r}"
+            )
 
     @property
     def content_wh(self) -> tuple[int, int]:
@@ -59,8 +68,9 @@ class ModelFrame:
     def image(self, image_u8: torch.Tensor) -> torch.Tensor:
         """``(3, h, w)`` uint8 -> ``(1, 3, S, S)`` float in [0, 1].
 
-        Resized as the official loaders do: PIL bilinear on the uint8 image (torchvision's
-        ``Resize`` of a PIL image), then divided by 255, so the VAE sees the official pixels.
+        Resized as the official loaders do: PIL on the uint8 image (bilinear: torchvision's
+        ``Resize`` of a PIL image; bicubic: ``Image.resize``'s default), then divided by 255, so
+        the VAE sees the official pixels.
         """
         if image_u8.ndim != 3 or image_u8.shape[0] != 3 or image_u8.dtype != torch.uint8:
             raise ValueError(
@@ -70,7 +80,7 @@ class ModelFrame:
         cw, ch = self.content_wh
         pil = Image.fromarray(image_u8.permute(1, 2, 0).cpu().contiguous().numpy())
         if pil.size != (cw, ch):
-            pil = pil.resize((cw, ch), Image.BILINEAR)
+            pil = pil.resize((cw, ch), RESAMPLE_FILTERS[self.resample])
         x = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div(255)[None]
         if (cw, ch) != (self.size, self.size):
             x = F.pad(x, (0, self.size - cw, 0, self.size - ch))
