@@ -39,6 +39,10 @@ LEVEL_NAMES: dict[str, tuple[str, ...]] = {
 NUM_KEYPOINT_IDS = 30
 """Keypoint slots per category (SPair-71k annotates at most 30, ids ``0 .. 29``)."""
 
+FIXED_POINT = 2**40
+"""Units per pair of a per-pair fraction summed as an integer: integer sums do not depend on the
+order the ranks add them in (float sums do, in the last digit), at a resolution of 1e-12."""
+
 
 class PCKBreakdown(PCK):
     """PCK plus breakdowns by difficulty level and keypoint id (all sums, ``dist_reduce_fx="sum"``).
@@ -46,18 +50,17 @@ class PCKBreakdown(PCK):
     Extra state, with ``L`` = the factors' levels laid end to end (14 for SPair), ``C`` categories,
     ``K`` keypoint ids and ``A`` alphas:
 
-    - ``level_pairs`` ``(L,)``, ``level_percent`` ``(L, A)`` float64, ``level_correct`` ``(L, A)``,
-      ``level_points`` ``(L,)``: as the base's per-category sums, per factor level;
+    - ``level_pairs`` ``(L,)``, ``level_fraction`` ``(L, A)``, ``level_correct`` ``(L, A)``,
+      ``level_points`` ``(L,)``: pairs, the sum of their fractions correct in
+      :data:`FIXED_POINT` units, correct and scored points, per factor level;
     - ``kp_correct`` ``(C, K, A)`` and ``kp_points`` ``(C, K)``: correct and scored keypoints per id.
 
     :param num_keypoint_ids: ``K``; an id outside ``0 .. K-1`` is an error.
     :param factors: ``{factor name: number of levels}``; default SPair-71k's.
     """
 
-    float64_states = ("percent_sum", "level_percent")
-
     level_pairs: Tensor
-    level_percent: Tensor
+    level_fraction: Tensor
     level_correct: Tensor
     level_points: Tensor
     kp_correct: Tensor
@@ -81,7 +84,7 @@ class PCKBreakdown(PCK):
         a, c, k = len(self.alphas), len(self.categories), self.num_keypoint_ids
         long = torch.long
         self.add_state("level_pairs", torch.zeros(total, dtype=long), "sum")
-        self.add_state("level_percent", torch.zeros(total, a, dtype=torch.float64), "sum")
+        self.add_state("level_fraction", torch.zeros(total, a, dtype=long), "sum")
         self.add_state("level_correct", torch.zeros(total, a, dtype=long), "sum")
         self.add_state("level_points", torch.zeros(total, dtype=long), "sum")
         self.add_state("kp_correct", torch.zeros(c, k, a, dtype=long), "sum")
@@ -134,11 +137,13 @@ class PCKBreakdown(PCK):
             return
         row, hits = scored  # hits: (A, N)
         correct = hits.sum(dim=1).to(self.device)
+        points = hits.shape[1]
+        fraction = (correct * FIXED_POINT + points // 2) // points  # rounded, in FIXED_POINT units
         for level in rows:
             self.level_pairs[level] += 1
-            self.level_points[level] += hits.shape[1]
+            self.level_points[level] += points
             self.level_correct[level] += correct
-            self.level_percent[level] += (100.0 * correct.double() / hits.shape[1]).to(self.device)
+            self.level_fraction[level] += fraction
         if ids is not None:
             ids = ids.to(self.device)
             self.kp_points[row].index_add_(0, ids, torch.ones_like(ids))
@@ -173,7 +178,9 @@ class PCKBreakdown(PCK):
                     levels[str(level)] = {
                         "num_pairs": n,
                         "num_points": int(self.level_points[row]),
-                        "pck": self._by_alpha(self.level_percent[row] / n),
+                        "pck": self._by_alpha(
+                            100.0 * self.level_fraction[row].double() / FIXED_POINT / n
+                        ),
                         "pck_point": self._by_alpha(
                             100.0 * self.level_correct[row].double() / self.level_points[row]
                         ),
