@@ -17,7 +17,12 @@ from sdzero.config import available, compose, config_dir
 from sdzero.errors import UserError
 
 DEMO_EXPERIMENTS = ("demo_correspondence", "demo_segmentation")
-METHOD_CLIS = ("sdzero.correspondence.cli", "sdzero.segmentation.cli")
+METHOD_CLIS = (
+    "sdzero.correspondence.cli",
+    "sdzero.segmentation.cli",
+    "sdzero.report",
+    "sdzero.cache_cli",
+)
 
 
 def _eval(args: argparse.Namespace) -> int:
