@@ -178,7 +178,7 @@ def test_eval_user_errors_are_one_line(tmp_path, capsys):
     taken = tmp_path / "file"
     taken.write_text("")
     line = user_error(capsys, [*demo, f"output_dir={taken}"])
-    assert f"output_dir={str(taken)!r}: cannot create the run folder" in line
+    assert f"output_dir={str(taken)!r} is a file; expected a folder path" in line
     line = user_error(capsys, [*demo, f"output_dir={tmp_path / 'r'}", "trainer.precision=99"])
     assert line.startswith("sdzero: error: trainer: ") and "Precision 99" in line
     line = user_error(capsys, [*demo, f"output_dir={tmp_path / 's'}", "backbone.arch=sd3"])

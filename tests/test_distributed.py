@@ -78,7 +78,7 @@ def test_resume_with_other_settings_is_refused(reference):
     res = sdzero(
         "eval", "demo_correspondence", f"resume={reference}", "seed=9", *COMMON, timeout=300
     )
-    assert res.returncode == 2 and "different 'seed'" in res.stderr
+    assert res.returncode == 2 and "seed: 0 vs 9" in res.stderr
 
 
 def test_offline_wandb_run_holds_the_final_metrics(tmp_path):

@@ -17,6 +17,7 @@ Lightning's ``BasePredictionWriter`` is the model: one writer, called per batch,
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -198,12 +199,18 @@ class Visuals(SampleCallback):
         if image is None:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{record['id']}.png".replace("/", "_")
+        path = self.folder / f"{portable(str(record['id']))}.png"
         image.save(path)
         if _is_wandb(pl_module.logger):
             pl_module.logger.log_image(
                 key="visuals", images=[str(path)], caption=[str(record["id"])]
             )
+
+
+def portable(name: str) -> str:
+    """``name`` as a file name valid on every system: characters other than letters, digits,
+    ``.``, ``-`` and ``_`` become ``_`` (SPair pair ids hold ``:``)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def evaluation_callbacks(run_dir: str | Path | None, visuals: int = 0) -> list[pl.Callback]:

@@ -50,7 +50,8 @@ def _run_and_print(runner: Callable[[Any], dict[str, Any]], args: argparse.Names
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from sdzero.runs import RUN_DIR_ENV, format_metrics, run_eval
+    from sdzero.run_folder import RUN_DIR_ENV
+    from sdzero.runs import format_metrics, run_eval
 
     out = Path(args.out)
     for name in DEMO_EXPERIMENTS:

@@ -7,11 +7,14 @@ finishes, so a killed run loses at most the line being written; a torn last line
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -85,12 +88,16 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
     if not path.exists():
         return
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 break  # cut off by a kill mid-write: never counted
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                record = None
             if isinstance(record, dict):
                 yield record
+            else:
+                log.warning(
+                    "%s line %d is not a JSON record; dropped (its sample is redone)", path, number
+                )

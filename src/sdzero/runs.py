@@ -6,10 +6,8 @@ and checked (datamodule setup), and only then is the backbone loaded.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,82 +16,10 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from sdzero.callbacks import TaskMetrics, evaluation_callbacks
-from sdzero.config import ConfigError, _import, instantiate, save_config
+from sdzero.config import ConfigError, _import, instantiate
+from sdzero.run_folder import RunFolder, retire_stale_evaluation
 
 log = logging.getLogger(__name__)
-
-FINISHED_WORK = ("predictions/*.jsonl", "checkpoints/*.ckpt")
-"""What a fresh run refuses to find in its folder (it belongs to a run to resume)."""
-RUN_DIR_ENV = (
-    "SDZERO_RUN_DIR"  # shared by DDP ranks re-launched by Lightning (they inherit the env)
-)
-
-
-def make_run_dir(cfg: DictConfig) -> Path:
-    """Create the run folder, the same on all ranks: ``resume``, else ``output_dir``, else
-    ``runs/<experiment>/<timestamp>``. A fresh run refuses a folder that already holds records."""
-    if os.environ.get(RUN_DIR_ENV):  # a DDP rank launched by rank 0: rank 0 checked the folder
-        run_dir = Path(os.environ[RUN_DIR_ENV])
-    elif cfg.resume:
-        run_dir = Path(cfg.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"resume={str(run_dir)!r} is not a run folder (no config.yaml in it)")
-        _check_same_run(cfg, run_dir)
-    elif cfg.output_dir:
-        run_dir = Path(cfg.output_dir)
-    elif _launched_processes() > 1:
-        raise ConfigError(
-            "this process is one of several started by torchrun/srun: set output_dir=... (or "
-            "resume=...) so that all of them share one run folder"
-        )
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / str(cfg.experiment or "eval") / stamp
-    run_dir = run_dir.resolve()
-    if (
-        not cfg.resume
-        and not os.environ.get(RUN_DIR_ENV)
-        and any(p for pattern in FINISHED_WORK for p in run_dir.glob(pattern))
-    ):
-        raise ConfigError(
-            f"output_dir={str(run_dir)!r} already holds prediction records or checkpoints; "
-            f"continue that run with resume={run_dir} or choose another output_dir"
-        )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a file of that name, no permission, read-only disk
-        raise ConfigError(
-            f"output_dir={str(run_dir)!r}: cannot create the run folder ({err}); expected a "
-            "writable folder path"
-        ) from err
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    return run_dir
-
-
-def _launched_processes() -> int:
-    """How many processes an external launcher (torchrun, SLURM) started for this run."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 1
-
-
-def _check_same_run(cfg: DictConfig, run_dir: Path) -> None:
-    """A resumed run must use the settings that produced the records (seed, method, data, backbone)."""
-    from omegaconf import OmegaConf
-
-    saved = OmegaConf.load(run_dir / "config.yaml")
-    for key in ("seed", "method", "data", "backbone"):
-        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
-        old = OmegaConf.to_container(old) if hasattr(old, "keys") else old
-        new = OmegaConf.to_container(new) if hasattr(new, "keys") else new
-        if key == "data":  # the split may be limited differently when resuming
-            old, new = ({k: v for k, v in d.items() if k != "limit"} for d in (old, new))
-        if old != new:
-            raise ConfigError(
-                f"resume={str(run_dir)!r}: its config.yaml has a different {key!r} "
-                f"({old!r} vs {new!r}); resume with the same experiment and overrides"
-            )
 
 
 def wandb_has_key() -> bool:
@@ -161,7 +87,7 @@ def build_method(cfg: DictConfig, **extra: Any) -> pl.LightningModule:
 
 
 def build_trainer(
-    cfg: DictConfig, logger: Any, callbacks: list[pl.Callback], **fixed: Any
+    cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list[pl.Callback], **fixed: Any
 ) -> pl.Trainer:
     """A Trainer from the ``trainer`` group, working in the run folder. For evaluation (the
     default ``fixed``) ``inference_mode=False`` lets methods optimise in ``test_step``, and the
@@ -181,7 +107,7 @@ def build_trainer(
             **fixed,
             logger=logger,
             callbacks=callbacks,
-            default_root_dir=os.environ[RUN_DIR_ENV],
+            default_root_dir=str(run_dir),
         )
     except (MisconfigurationException, TypeError, ValueError) as err:
         # the constructor only checks its arguments, and all but the fixed ones are trainer.* keys
@@ -193,7 +119,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """``trainer.test`` of ``module`` with the run folder's callbacks; the ``metrics.json`` object."""
     callbacks = evaluation_callbacks(run_dir, cfg.visuals)
-    trainer = build_trainer(cfg, logger, callbacks)
+    trainer = build_trainer(cfg, run_dir, logger, callbacks)
     trainer.test(module, datamodule=datamodule, verbose=False)
     scorer = next(c for c in callbacks if isinstance(c, TaskMetrics))
     wandb_rank0 = logger and cfg.logger.kind == "wandb" and trainer.global_rank == 0
@@ -204,22 +130,17 @@ def evaluate(
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Run one evaluation; returns the ``metrics.json`` object (also written into the run folder)."""
-    launched_by_parent = bool(os.environ.get(RUN_DIR_ENV))
-    try:
-        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        run_dir = make_run_dir(cfg)
-        save_config(cfg, run_dir / "config.yaml")
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    with RunFolder(cfg) as folder:
         datamodule = instantiate(cfg.data, key="data")
         datamodule.setup("test")  # reads and validates the annotation files before any model
         module = build_method(cfg)
+        run_dir = folder.create()
         logger = build_logger(cfg, run_dir)
         metrics = evaluate(cfg, module, datamodule, run_dir, logger)
         if logger and cfg.logger.kind == "wandb" and rank_zero_only.rank == 0:
             logger.experiment.finish()
         return metrics
-    finally:
-        if not launched_by_parent:  # the next run in this process gets its own folder
-            os.environ.pop(RUN_DIR_ENV, None)
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
@@ -231,11 +152,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
-    launched_by_parent = bool(os.environ.get(RUN_DIR_ENV))
-    try:
-        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        run_dir = make_run_dir(cfg)
-        save_config(cfg, run_dir / "config.yaml")
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    with RunFolder(cfg) as run:
         method_class = _import(str(cfg.method._target_))
         if not is_overridden("training_step", method_class, pl.LightningModule):
             raise ConfigError(
@@ -247,12 +165,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"data: {type(datamodule).__name__} has no training split")
         datamodule.setup("fit")  # reads every split's files before any model
         module = build_method(cfg)
+        run_dir = run.create()
         monitor, mode = getattr(module, "monitor", ("val/loss", "min"))
         if datamodule.val_split is None:
             monitor, mode = monitor.replace("val/", "train/"), mode
-        folder = run_dir / "checkpoints"
+        checkpoints = run_dir / "checkpoints"
         checkpoint = ModelCheckpoint(
-            dirpath=folder,
+            dirpath=checkpoints,
             filename="best",
             monitor=monitor,
             mode=mode,
@@ -261,8 +180,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         )
         logger = build_logger(cfg, run_dir)
         fixed = {"enable_checkpointing": True, "use_distributed_sampler": True}
-        trainer = build_trainer(cfg, logger, [checkpoint], **fixed)
-        last = folder / "last.ckpt"
+        trainer = build_trainer(cfg, run_dir, logger, [checkpoint], **fixed)
+        last = checkpoints / "last.ckpt"
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
         best = trainer.strategy.broadcast(checkpoint.best_model_path or str(last))
         if trainer.global_rank == 0:
@@ -274,33 +193,6 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         if logger and cfg.logger.kind == "wandb" and rank_zero_only.rank == 0:
             logger.experiment.finish()
         return metrics
-    finally:
-        if not launched_by_parent:
-            os.environ.pop(RUN_DIR_ENV, None)
-
-
-def retire_stale_evaluation(run_dir: Path, checkpoint: Path) -> None:
-    """Before the evaluation of ``checkpoint``: records and ``metrics.json`` of an earlier
-    evaluation of *other* weights (training continued and found a better checkpoint) move to
-    ``stale/<sha256 prefix>/`` so the new evaluation does not reuse them; records of the same
-    weights stay and are reused. ``evaluated.json`` names the weights the records belong to."""
-    import hashlib
-    import shutil
-
-    from sdzero.records import write_json_atomic
-
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    stamp = run_dir / "evaluated.json"
-    if stamp.is_file():
-        old = json.loads(stamp.read_text()).get("sha256", "")
-        if old != digest:
-            stale = run_dir / "stale" / old[:12]
-            stale.mkdir(parents=True, exist_ok=True)
-            for name in ("predictions", "metrics.json", "visuals"):
-                if (run_dir / name).exists():
-                    shutil.move(str(run_dir / name), str(stale / name))
-            log.warning("training went on: the evaluation of older weights moved to %s", stale)
-    write_json_atomic(stamp, {"checkpoint": str(checkpoint.relative_to(run_dir)), "sha256": digest})
 
 
 def recompute_metrics(run_dir: str | Path) -> dict[str, Any]:
