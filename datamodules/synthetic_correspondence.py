@@ -15,6 +15,13 @@ Kinds of target (the source is the same in all three):
   both 0 (a multiple of S/64 px). After stretching to any side S' that is a multiple of 64 the
   shift is ``(kx, ky) * S' / 64`` latent cells of the ``S'/8`` grid: a whole number.
 * ``identical``: the target file holds the same bytes as the source.
+* ``mirror``: a left/right test (GeoAware-SC's failure case). The object is centred and made of
+  twin parts, mirror images of each other about the image's vertical axis and of the same colour
+  (slots ``2j`` and ``2j + 1``, both ``PART_COLOURS[2j]``), and one head part (slot 6 or 7, its own
+  colour) off the axis, so the object is not left/right symmetric. The target is the source image
+  mirrored (``x -> S - 1 - x``) with its keypoints mirrored: twins trade places, so a matcher that
+  trusts local appearance and position sends each twin to the other one (an error of at least
+  ``S/5`` px), while matching the mirrored source is exact.
 
 Images are square with side ``S = image_size`` (a multiple of 64) and saved as JPEG quality 95
 without chroma subsampling. JPEG moves pixel values near colour edges: part centres stay within 15
@@ -38,7 +45,7 @@ from PIL import Image
 from datamodules.spair import SPairDataset, check_per_category
 from datamodules.training import TrainableDataModule
 
-KINDS = ("transform", "shift", "identical")
+KINDS = ("transform", "shift", "identical", "mirror")
 CATEGORIES = ("discs", "squares")
 PART_COLOURS = (
     (220, 30, 30),
@@ -78,6 +85,35 @@ def _object_layout(rng: np.random.Generator, image_size: int) -> tuple[list[int]
     grid = np.stack([cells % 3, cells // 3], axis=1)
     centres = grid * cell + cell // 2 + rng.integers(-jitter, jitter + 1, size=(num_parts, 2))
     return slots, centres.astype(np.int64), radius
+
+
+def _mirror_layout(rng: np.random.Generator, image_size: int) -> tuple[list[int], np.ndarray, int]:
+    """The ``mirror`` kind's part slots and centres ``(K, 2)`` (x, y) in image pixels, and the part
+    radius: 1-2 twin pairs on distinct rows, mirrored about the image's vertical axis
+    (``x_left + x_right = S - 1``) at least 4 radii apart, and a head on its own row off the axis."""
+    size = image_size
+    radius = max(3, size // 20)
+    rows = rng.permutation([size // 4, size // 2, 3 * size // 4])
+    num_twins = int(rng.integers(1, 3))
+    slots, centres = [], []
+    for j in range(num_twins):
+        half = int(rng.integers(size // 10, size // 4))  # the twins' distance from the axis
+        y = int(rows[j])
+        centres += [(size // 2 - 1 - half, y), (size // 2 + half, y)]
+        slots += [2 * j, 2 * j + 1]
+    side = int(rng.choice([-1, 1]))
+    head = size // 2 + side * int(rng.integers(size // 10, size // 4))
+    centres.append((head, int(rows[2])))
+    slots.append(int(rng.choice([6, 7])))
+    return slots, np.array(centres, dtype=np.int64), radius
+
+
+def _colour_slots(slots: list[int], kind: str) -> list[int]:
+    """The slot whose ``PART_COLOURS`` entry paints each part: a ``mirror`` twin ``2j + 1`` takes
+    twin ``2j``'s colour."""
+    if kind != "mirror":
+        return slots
+    return [s - s % 2 if s < 6 else s for s in slots]
 
 
 def _offset(rng: np.random.Generator, extent: float, radius: int, size: int, shift: int = 0) -> int:
@@ -169,7 +205,8 @@ def write_synthetic_spair(
     ``(seed, i)`` and the split, so a smaller count writes a prefix of a larger one, and the three
     splits hold different pairs. ``root`` must be empty or absent.
 
-    :param kind: ``"transform"``, ``"shift"`` or ``"identical"`` (see the module docstring).
+    :param kind: ``"transform"``, ``"shift"``, ``"identical"`` or ``"mirror"`` (the module
+        docstring).
     :param image_size: side ``S`` of the square source (and shift/identical target), multiple of 64.
     """
     _check_args(num_pairs, image_size, kind)
@@ -193,7 +230,11 @@ def _write_split(
     for i in range(count):
         rng = np.random.default_rng([seed, i, *SPLIT_STREAMS[split]])
         category = CATEGORIES[i % len(CATEGORIES)]
-        slots, parts, radius = _object_layout(rng, image_size)
+        if kind == "mirror":
+            slots, parts, radius = _mirror_layout(rng, image_size)
+        else:
+            slots, parts, radius = _object_layout(rng, image_size)
+        colours = _colour_slots(slots, kind)
         extent = float(parts.max())
         src_bg, trg_bg = (BACKGROUNDS[j] for j in rng.choice(len(BACKGROUNDS), 2, replace=False))
 
@@ -202,9 +243,13 @@ def _write_split(
         if kind == "shift":
             steps = rng.choice([(kx, ky) for kx in range(-2, 3) for ky in range(-2, 3) if kx or ky])
             shift = steps * (image_size // 8)
-        origin = np.array([_offset(rng, extent, radius, image_size, int(d)) for d in shift])
+        if kind == "mirror":
+            origin = np.zeros(2, dtype=np.int64)
+        else:
+            origin = np.array([_offset(rng, extent, radius, image_size, int(d)) for d in shift])
         src_kps = parts + origin
-        src_bytes = _jpeg(_render(src_size, src_bg, src_kps, slots, radius, category))
+        src_pixels = _render(src_size, src_bg, src_kps, colours, radius, category)
+        src_bytes = _jpeg(src_pixels)
 
         if kind == "transform":
             scale = float(rng.uniform(0.7, 1.2))
@@ -218,6 +263,10 @@ def _write_split(
         elif kind == "shift":
             trg_size, trg_radius, trg_kps = src_size, radius, src_kps + shift
             trg_bytes = _jpeg(_render(trg_size, src_bg, trg_kps, slots, radius, category))
+        elif kind == "mirror":
+            trg_size, trg_radius = src_size, radius
+            trg_kps = np.stack([image_size - 1 - src_kps[:, 0], src_kps[:, 1]], axis=1)
+            trg_bytes = _jpeg(np.ascontiguousarray(src_pixels[:, ::-1]))
         else:
             trg_size, trg_radius, trg_kps, trg_bytes = src_size, radius, src_kps, src_bytes
 
@@ -252,7 +301,7 @@ def _write_split(
             "src_kps": src_kps.tolist(),
             "trg_kps": trg_kps.tolist(),
             "kps_ids": [str(s) for s in slots],
-            "mirror": 0,
+            "mirror": int(kind == "mirror"),
             "viewpoint_variation": 0,
             "scale_variation": 0,
             "truncation": 0,
@@ -281,7 +330,7 @@ class SyntheticCorrespondenceDataModule(TrainableDataModule):
     :param num_train_pairs, num_val_pairs: ``trn`` / ``val`` pairs to write (for ``sdzero train``;
         ``train_split``, ``val_split``, ``batch_size``, ``train_limit``: see
         :class:`~datamodules.training.TrainableDataModule`).
-    :param kind: ``transform``, ``shift`` or ``identical`` (see the module docstring).
+    :param kind: ``transform``, ``shift``, ``identical`` or ``mirror`` (see the module docstring).
     :param image_size: source side in pixels (a multiple of 64).
     :param seed: generator seed.
     :param per_category: evaluate the first ``per_category`` test pairs of each category (as

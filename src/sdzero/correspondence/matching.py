@@ -8,12 +8,17 @@ the target cell of highest cosine similarity, reported at the cell's centre. A m
 settings have ``match_resolution=image`` matches instead as DIFT's official code does
 (:func:`nearest_pixels`): both maps upsampled to their original images' pixel grids, the argmax
 pixel.
+
+GeoAware-SC's test-time options (:mod:`sdzero.correspondence.refine`): ``method.flip_align``
+matches the left-right mirrored source too and keeps the orientation whose features agree
+better with the target's; ``method.soft_argmax_window`` replaces the argmax cell by the window
+soft-argmax (cell matching only).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,6 +32,7 @@ from sdzero.correspondence.base import (
     ScoringSettings,
     check_query_points,
 )
+from sdzero.correspondence.refine import FLIP_SCORES, mirror_x, window_soft_argmax
 from sdzero.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -127,10 +133,18 @@ class FeatureSettings(ScoringSettings):
     says what the key holds); it may be shared by runs of any method, backbone and settings.
     ``feature_cache_gb``: its size bound in GB (10^9 bytes); the least recently used entries go
     first.
+
+    ``flip_align``, ``flip_score``, ``soft_argmax_window``, ``soft_argmax_temperature``:
+    GeoAware-SC's test-time pose alignment and window soft-argmax
+    (:mod:`sdzero.correspondence.refine`); off by default.
     """
 
     feature_cache: str | None = None  # folder of the on-disk per-image feature cache; null: off
     feature_cache_gb: float = 20.0  # size bound of that folder (least recently used evicted first)
+    flip_align: bool = False  # also match the mirrored source; keep the better-agreeing orientation
+    flip_score: str = "nn_distance"  # orientation score: nn_distance (official) | mutual_nn
+    soft_argmax_window: int = 0  # window half-size in cells (official 5: 11 x 11); 0: argmax
+    soft_argmax_temperature: float = 0.02  # softmax temperature on cosine similarity (official)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -141,6 +155,28 @@ class FeatureSettings(ScoringSettings):
         if self.feature_cache is not None and Path(self.feature_cache).is_file():
             raise ConfigError(
                 f"method.feature_cache={self.feature_cache!r} is a file; expected a folder"
+            )
+        if self.flip_score not in FLIP_SCORES:
+            raise ConfigError(
+                f"method.flip_score must be one of {list(FLIP_SCORES)}, got {self.flip_score!r}"
+            )
+        if isinstance(self.soft_argmax_window, bool) or not (
+            isinstance(self.soft_argmax_window, int) and self.soft_argmax_window >= 0
+        ):
+            raise ConfigError(
+                f"method.soft_argmax_window must be an integer >= 0 (0: off), "
+                f"got {self.soft_argmax_window!r}"
+            )
+        if not self.soft_argmax_temperature > 0:
+            raise ConfigError(
+                f"method.soft_argmax_temperature must be > 0, got {self.soft_argmax_temperature}"
+            )
+        resolution = getattr(self, "match_resolution", "cell")
+        if self.soft_argmax_window and resolution != "cell":
+            raise ConfigError(
+                f"method.soft_argmax_window={self.soft_argmax_window} needs "
+                f"method.match_resolution=cell, got {resolution!r} (the window soft-argmax runs "
+                "on the feature grid, as GeoAware-SC's)"
             )
 
 
@@ -190,14 +226,66 @@ class FeatureMatching(CorrespondenceModule):
                 cache.evicted,
             )
 
+    def setup(self, stage: str) -> None:
+        """Refuse GeoAware's options on a method whose :meth:`match` is its own (they would be
+        ignored), before the base setup loads anything."""
+        s = self.settings
+        if type(self).match is not FeatureMatching.match and (s.flip_align or s.soft_argmax_window):
+            raise ConfigError(
+                f"method.flip_align / method.soft_argmax_window are not supported by "
+                f"{type(self).__name__}, which matches with its own rule"
+            )
+        super().setup(stage)
+
+    def match_grid(
+        self, src_features: torch.Tensor, trg_features: torch.Tensor, points: torch.Tensor
+    ) -> torch.Tensor:
+        """Model-frame matches ``(N, 2)`` of source ``points`` ``(N, 2)`` from ``(C, h, w)``
+        grids: :func:`nearest_neighbours`, or with ``method.soft_argmax_window`` the window
+        soft-argmax of the same similarities, in model pixels."""
+        s = self.settings
+        if not s.soft_argmax_window:
+            return nearest_neighbours(src_features, trg_features, points, s.image_size)
+        grid = tuple(trg_features.shape[-2:])
+        scores = similarity(sample_descriptors(src_features, points, s.image_size), trg_features)
+        cells = window_soft_argmax(scores, grid, s.soft_argmax_window, s.soft_argmax_temperature)
+        return cells * torch.tensor([s.image_size / grid[1], s.image_size / grid[0]]).to(cells)
+
+    def flip_aligned(
+        self,
+        src: torch.Tensor,
+        trg: torch.Tensor,
+        points: torch.Tensor,
+        pair: PairInfo,
+        mirror_extent: float,
+        match_features: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``match_features(src_features, trg_features, points)`` on the pair's ``(1, 3, S, S)``
+        images; with ``method.flip_align``, GeoAware-SC's pose alignment: the source mirrored
+        left-right (features cached under ``src_name + "#flip"``) is matched instead, with
+        :func:`~sdzero.correspondence.refine.mirror_x` points (``x -> mirror_extent - x``),
+        when its ``method.flip_score`` with the target is strictly lower. The choice is
+        recorded in ``self.flips`` (pairs flipped, pairs seen)."""
+        src_feats = self.image_features(src, pair.src_name, pair.category)
+        trg_feats = self.image_features(trg, pair.trg_name, pair.category)
+        points = points.to(src_feats.device)
+        if not self.settings.flip_align:
+            return match_features(src_feats, trg_feats, points)
+        mirrored = self.image_features(src.flip(-1), pair.src_name + "#flip", pair.category)
+        score = FLIP_SCORES[self.settings.flip_score]
+        flipped = score(mirrored, trg_feats) < score(src_feats, trg_feats)
+        done, seen = getattr(self, "flips", (0, 0))
+        self.flips = (done + int(flipped), seen + 1)
+        if flipped:
+            return match_features(mirrored, trg_feats, mirror_x(points, mirror_extent))
+        return match_features(src_feats, trg_feats, points)
+
     @torch.no_grad()
     def match(
         self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, pair: PairInfo
     ) -> torch.Tensor:
-        src_feats = self.image_features(src, pair.src_name, pair.category)
-        trg_feats = self.image_features(trg, pair.trg_name, pair.category)
         size = self.settings.image_size
-        return nearest_neighbours(src_feats, trg_feats, points.to(src_feats.device), size)
+        return self.flip_aligned(src, trg, points, pair, size, self.match_grid)
 
     def predict_pair(
         self,
@@ -209,22 +297,20 @@ class FeatureMatching(CorrespondenceModule):
         """As :meth:`CorrespondenceModule.predict_pair` (original pixels in and out). With
         ``method.match_resolution=image`` (a key of the method's settings; ``cell`` where it has
         none) the match is :func:`nearest_pixels` on the original images' pixel grids instead of
-        :meth:`match` in the model frame."""
+        :meth:`match` in the model frame (with ``method.flip_align``, the mirrored source's
+        points are ``x -> W - 1 - x``, pixel indices)."""
         if getattr(self.settings, "match_resolution", "cell") == "cell":
             return super().predict_pair(src_img, trg_img, src_kps, pair)
         pair = pair or PairInfo()
         src_frame, trg_frame = self.frame(src_img), self.frame(trg_img)
         check_query_points(src_kps, src_frame.w, src_frame.h)
+        src_hw, trg_hw = (src_frame.h, src_frame.w), (trg_frame.h, trg_frame.w)
+
+        def match_pixels(src_feats: torch.Tensor, trg_feats: torch.Tensor, points: torch.Tensor):
+            return nearest_pixels(src_feats, trg_feats, points.float(), src_hw, trg_hw)
+
         with torch.no_grad():
             src = src_frame.image(src_img).to(self.device)
             trg = trg_frame.image(trg_img).to(self.device)
-            src_feats = self.image_features(src, pair.src_name, pair.category)
-            trg_feats = self.image_features(trg, pair.trg_name, pair.category)
-            pred = nearest_pixels(
-                src_feats,
-                trg_feats,
-                src_kps.to(src_feats.device, torch.float32),
-                (src_frame.h, src_frame.w),
-                (trg_frame.h, trg_frame.w),
-            )
+            pred = self.flip_aligned(src, trg, src_kps, pair, src_frame.w - 1, match_pixels)
         return pred.cpu()
