@@ -187,3 +187,16 @@ def test_bad_run_folders_are_one_line_errors(tmp_path, capsys, setup, fragment):
     assert len(err) == 1 and err[0].startswith("sdzero: error:") and fragment in err[0]
     assert str(bad) in err[0]
     assert not (tmp_path / "r.md").exists()
+
+
+def test_a_run_without_config_or_alpha_0_1_reports_what_it_has(tmp_path):
+    run = tmp_path / "copied"
+    run.mkdir()
+    metrics = {**CORR_METRICS, "pck": {"0.05": 25.0}, "inclusive": False}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    own = [r for r in build_rows([run]) if not r.published]
+    assert [(r.method, r.metric, r.value) for r in own] == [
+        ("?", "pck@0.1", None),
+        ("?", "pck_point@0.1", 60.0),
+    ]
+    assert own[0].protocol == "threshold=bbox-source frame=resized <"  # from metrics.json

@@ -122,9 +122,13 @@ def _protocol(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     return f"threshold={threshold} frame={frame} {rule}"
 
 
-def _at(values: Any, alpha: str) -> float | None:
-    value = values.get(alpha) if isinstance(values, dict) else values
+def _number(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _at(values: Any, alpha: str) -> float | None:
+    """``values[alpha]`` of a ``{alpha: %}`` mapping (None when absent)."""
+    return _number(values.get(alpha)) if isinstance(values, dict) else None
 
 
 def read_run(run_dir: str | Path) -> list[Row]:
@@ -147,8 +151,8 @@ def read_run(run_dir: str | Path) -> list[Row]:
             Row(
                 **common,
                 metric="miou",
-                value=_at(metrics.get("miou"), ""),
-                per_category={k: _at(v, "") for k, v in per_class.items()},
+                value=_number(metrics.get("miou")),
+                per_category={k: _number(v) for k, v in per_class.items()},
             )
         ]
     rows = []
@@ -158,7 +162,7 @@ def read_run(run_dir: str | Path) -> list[Row]:
             Row(
                 **common,
                 metric=f"{key}@{HEADLINE_ALPHA}",
-                value=_at(metrics.get(key) or {}, HEADLINE_ALPHA),
+                value=_at(metrics.get(key), HEADLINE_ALPHA),
                 per_category={k: _at(v, HEADLINE_ALPHA) for k, v in per_category.items()},
             )
         )
