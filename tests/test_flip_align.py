@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from datamodules.spair import SPairDataset
 from datamodules.synthetic_correspondence import write_synthetic_spair
 from sdzero.correspondence.base import PairInfo
+from sdzero.correspondence.fit_config import FitConfig
+from sdzero.correspondence.fitting import PromptCorrespondence
 from sdzero.correspondence.matching import FeatureMatching, FeatureSettings
 from sdzero.correspondence.refine import (
     mirror_x,
@@ -190,3 +192,57 @@ def test_soft_argmax_needs_cell_matching():
 
     with pytest.raises(ConfigError, match="match_resolution=cell"):
         ImageSettings(soft_argmax_window=3)
+
+
+# ------------------------------------------------ ldm_corr: the flipped-target variant
+
+
+def _ldm_cfg(**kw):
+    base = dict(image_size=128, steps=2, num_embeddings=1, inference_crops=5, lr=0.05)
+    return FitConfig(**{**base, **kw})
+
+
+def _peaked(n: int, x: int, y: int, height: float) -> torch.Tensor:
+    """``(n, 1, 128, 128)`` one-layer maps, 0 but ``height`` at pixel ``(x, y)``."""
+    maps = torch.zeros((n, 1, 128, 128))
+    maps[..., y, x] = height
+    return maps
+
+
+def test_flip_target_is_off_by_default_and_keeps_the_strictly_sharper_orientation(sd):
+    assert FitConfig().flip_target is False
+    src = torch.rand((1, 3, 128, 128), generator=torch.Generator().manual_seed(0))
+    trg = torch.rand((1, 3, 128, 128), generator=torch.Generator().manual_seed(1))
+    points = torch.tensor([[20.0, 30.0], [70.0, 90.0]])
+    for original, mirrored, flipped in ((2.0, 5.0, True), (5.0, 2.0, False), (3.0, 3.0, False)):
+        pc = PromptCorrespondence(sd, _ldm_cfg(steps=0, flip_target=True))
+        draws = []
+
+        def infer(image, cond, gens, latents=None, o=original, m=mirrored, draws=draws):
+            draws.append([float(torch.rand(1, generator=g)) for g in gens])
+            is_mirror = torch.equal(image, trg.flip(-1))
+            # original peak at x=10, mirrored at x=100 (same row)
+            return _peaked(len(gens), 100 if is_mirror else 10, 40, m if is_mirror else o)
+
+        pc.infer = infer
+        pred = pc.match(src, trg, points, seed=0)
+        assert pc.target_flipped is flipped
+        expected = 128 - 100.5 if flipped else 10.5  # mirrored back: x -> S - x
+        assert pred.tolist() == [[expected, 40.5]] * 2
+        assert draws[0] == draws[1]  # both orientations see the same random draws
+
+
+def test_flip_target_on_the_tiny_backbone_equals_matching_the_mirrored_target(sd, mirror_pairs):
+    """Random weights: no accuracy claim, only the rule. On a mirrored pair, flip_target's answer
+    is plain matching's on the target or, mirrored back, on the mirrored target (same draws)."""
+    b = mirror_pairs[0]
+    src, trg = (b[k][None].float() / 255 for k in ("src_img", "trg_img"))
+    src, trg = (F.interpolate(t, size=128, mode="bilinear") for t in (src, trg))
+    points = b["src_kps"][:2] * 2
+    plain = PromptCorrespondence(sd, _ldm_cfg())
+    on_target = plain.match(src, trg, points, seed=0, index=3)
+    on_mirror = mirror_x(plain.match(src, trg.flip(-1), points, seed=0, index=3), 128)
+    flip = PromptCorrespondence(sd, _ldm_cfg(flip_target=True))
+    got = flip.match(src, trg, points, seed=0, index=3)
+    assert torch.equal(got, on_mirror if flip.target_flipped else on_target)
+    assert not torch.equal(on_target, on_mirror)

@@ -44,6 +44,7 @@ class FitConfig:
     shared_crop: bool = False  # one crop per step for all restarts of a query point
     early_stop_patience: int = 0  # > 0: an item stops after this many steps without improvement
     early_stop_delta: float = 0.01  # relative improvement of the loss EMA that resets patience
+    flip_target: bool = False  # also infer on the mirrored target; keep the sharper orientation
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.num_embeddings < 1 or self.inference_crops < 1:

@@ -17,7 +17,8 @@ its own loss term (losses are summed, never averaged across items), so batching 
 speed. The other exact levers: the UNet stops after the last read layer (``truncate``) and each
 distinct crop of an image is VAE-encoded once per pair (:class:`LatentCache`). Options beyond exact,
 off by default: ``autocast`` (bf16/fp16), ``checkpointing``, ``shared_crop`` (one crop per step for
-the restarts of a query point) and early stopping (:class:`EarlyStop`).
+the restarts of a query point), early stopping (:class:`EarlyStop`) and ``flip_target``
+(:meth:`PromptCorrespondence.match`: a cheap answer to symmetric objects).
 :meth:`PromptCorrespondence.step_maps` and :meth:`PromptCorrespondence.readout` take crops and
 noise as arguments so another implementation can be fed identical inputs and compared.
 """
@@ -42,6 +43,7 @@ from sdzero.correspondence.crops import (
 from sdzero.correspondence.early_stop import EarlyStop
 from sdzero.correspondence.fit_config import AUTOCAST, FitConfig
 from sdzero.correspondence.latent_cache import Box, LatentCache
+from sdzero.correspondence.refine import mirror_x
 from sdzero.seeding import keyed_generator
 
 
@@ -298,13 +300,25 @@ class PromptCorrespondence:
         return total / count.clamp_min(1)
 
     @staticmethod
-    def readout(maps: torch.Tensor) -> torch.Tensor:
-        """Predicted points from ``(N, E, L, S, S)`` maps: embedding mean, per-layer spatial softmax,
-        layer mean, argmax, +0.5 px. Returns ``(N, 2)`` (x, y) in the model frame."""
+    def aggregate(maps: torch.Tensor) -> torch.Tensor:
+        """The readout's map ``(N, S*S)`` (row-major, sums to 1) of ``(N, E, L, S, S)`` maps:
+        embedding mean, per-layer spatial softmax, layer mean."""
         n, _, layers, s, _ = maps.shape
-        per_layer = maps.mean(1).reshape(n, layers, s * s).softmax(-1)
-        flat = per_layer.mean(1).argmax(-1)
+        return maps.mean(1).reshape(n, layers, s * s).softmax(-1).mean(1)
+
+    @classmethod
+    def readout(cls, maps: torch.Tensor) -> torch.Tensor:
+        """Predicted points from ``(N, E, L, S, S)`` maps: the argmax of :meth:`aggregate`,
+        +0.5 px. Returns ``(N, 2)`` (x, y) in the model frame."""
+        s = maps.shape[-1]
+        flat = cls.aggregate(maps).argmax(-1)
         return torch.stack([flat % s, flat // s], -1).float() + 0.5
+
+    @classmethod
+    def peak(cls, maps: torch.Tensor) -> float:
+        """Sharpness of a pair's ``(N, E, L, S, S)`` maps: the mean over its N points of the
+        maximum of the normalised aggregated map (:meth:`aggregate`)."""
+        return cls.aggregate(maps).max(dim=-1).values.mean().item()
 
     # ------------------------------------------------------------------------------ one pair
     def match(
@@ -320,12 +334,20 @@ class PromptCorrespondence:
         :param source, target: ``(1, 3, S, S)`` images in [0, 1], model frame.
         :param seed: run seed; with ``index`` (the sample's dataset index) it fixes every random draw.
         :return: ``(N, 2)`` (x, y) predictions in the model frame.
+
+        With ``flip_target`` the fitted tensors are applied to the target and to the target
+        mirrored left-right, each with the same random draws; the mirrored target's predictions
+        (mirrored back, ``x -> S - x``) are kept for every point of the pair when its maps are
+        strictly sharper (:meth:`peak`). ``self.target_flipped`` says which was kept.
         """
         n, e = points.shape[0], self.cfg.num_embeddings
         items = [(p, j) for p in range(n) for j in range(e)]
         chunk = self.cfg.batch_size or len(items)
         src_latents, trg_latents = self.latent_cache(source), self.latent_cache(target)
-        maps = []
+        flip = self.cfg.flip_target
+        mirrored = target.flip(-1) if flip else None
+        mirrored_latents = self.latent_cache(mirrored) if flip else None
+        maps, mirrored_maps = [], []
         steps = []
         for start in range(0, len(items), chunk):
             part = items[start : start + chunk]
@@ -334,7 +356,17 @@ class PromptCorrespondence:
             groups = [p for p, _ in part]
             cond = self.optimise(source, pts, gens, groups=groups, latents=src_latents)
             steps.append(self.steps_taken)
+            states = [g.get_state() for g in gens]
             maps.append(self.infer(target, cond, gens, latents=trg_latents))
+            if flip:
+                twins = [torch.Generator().set_state(state) for state in states]
+                mirrored_maps.append(self.infer(mirrored, cond, twins, latents=mirrored_latents))
         self.steps_taken = torch.cat(steps)
         stacked = torch.cat(maps).reshape(n, e, *maps[0].shape[1:])
+        self.target_flipped = False
+        if flip:
+            stacked_mirrored = torch.cat(mirrored_maps).reshape(stacked.shape)
+            self.target_flipped = self.peak(stacked_mirrored) > self.peak(stacked)
+            if self.target_flipped:
+                return mirror_x(self.readout(stacked_mirrored), self.size)
         return self.readout(stacked)
