@@ -109,11 +109,8 @@ def _mirror_layout(rng: np.random.Generator, image_size: int) -> tuple[list[int]
 
 
 def _colour_slots(slots: list[int], kind: str) -> list[int]:
-    """The slot whose ``PART_COLOURS`` entry paints each part: a ``mirror`` twin ``2j + 1`` takes
-    twin ``2j``'s colour."""
-    if kind != "mirror":
-        return slots
-    return [s - s % 2 if s < 6 else s for s in slots]
+    """The slot whose ``PART_COLOURS`` entry paints each part (a ``mirror`` twin: the even one)."""
+    return [s - s % 2 if kind == "mirror" and s < 6 else s for s in slots]
 
 
 def _offset(rng: np.random.Generator, extent: float, radius: int, size: int, shift: int = 0) -> int:
@@ -230,10 +227,8 @@ def _write_split(
     for i in range(count):
         rng = np.random.default_rng([seed, i, *SPLIT_STREAMS[split]])
         category = CATEGORIES[i % len(CATEGORIES)]
-        if kind == "mirror":
-            slots, parts, radius = _mirror_layout(rng, image_size)
-        else:
-            slots, parts, radius = _object_layout(rng, image_size)
+        layout = _mirror_layout if kind == "mirror" else _object_layout
+        slots, parts, radius = layout(rng, image_size)
         colours = _colour_slots(slots, kind)
         extent = float(parts.max())
         src_bg, trg_bg = (BACKGROUNDS[j] for j in rng.choice(len(BACKGROUNDS), 2, replace=False))
@@ -243,9 +238,8 @@ def _write_split(
         if kind == "shift":
             steps = rng.choice([(kx, ky) for kx in range(-2, 3) for ky in range(-2, 3) if kx or ky])
             shift = steps * (image_size // 8)
-        if kind == "mirror":
-            origin = np.zeros(2, dtype=np.int64)
-        else:
+        origin = np.zeros(2, dtype=np.int64)  # a mirror object is laid out in image pixels
+        if kind != "mirror":
             origin = np.array([_offset(rng, extent, radius, image_size, int(d)) for d in shift])
         src_kps = parts + origin
         src_pixels = _render(src_size, src_bg, src_kps, colours, radius, category)

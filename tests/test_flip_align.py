@@ -71,9 +71,23 @@ def mirror_pairs(tmp_path_factory):
     return SPairDataset(root)
 
 
-def test_flip_alignment_recovers_mirrored_pairs_that_plain_matching_swaps(mirror_pairs):
-    plain = pck(ColourPosition(), mirror_pairs)
-    aligned_method = ColourPosition(flip_align=True)
+@dataclass(frozen=True)
+class PixelSettings(ColourSettings):
+    match_resolution: str = "image"
+
+
+class PixelColourPosition(ColourPosition):
+    """The same features matched at image resolution (DIFT's rule, pixel-index mirror)."""
+
+    def __init__(self, **settings):
+        super().__init__()
+        self.settings = PixelSettings(**settings)
+
+
+@pytest.mark.parametrize("extractor", [ColourPosition, PixelColourPosition])
+def test_flip_alignment_recovers_mirrored_pairs_that_plain_matching_swaps(mirror_pairs, extractor):
+    plain = pck(extractor(), mirror_pairs)
+    aligned_method = extractor(flip_align=True)
     aligned = pck(aligned_method, mirror_pairs)
     # 34 points: 26 on twin parts, 8 heads. Plain matching sends every twin to its twin (errors
     # of 13-31 px against bounds of 2-4 px) and hits 3 heads; the mirrored source hits all
@@ -186,12 +200,18 @@ def test_settings_errors_name_the_key(settings, key):
 
 
 def test_soft_argmax_needs_cell_matching():
-    @dataclass(frozen=True)
-    class ImageSettings(ColourSettings):
-        match_resolution: str = "image"
-
     with pytest.raises(ConfigError, match="match_resolution=cell"):
-        ImageSettings(soft_argmax_window=3)
+        PixelSettings(soft_argmax_window=3)
+
+
+class OwnRule(ColourPosition):
+    def match(self, src, trg, points, pair):
+        return points
+
+
+def test_a_method_with_its_own_match_refuses_the_options_at_setup():
+    with pytest.raises(ConfigError, match="not supported by OwnRule"):
+        OwnRule(flip_align=True).setup("test")
 
 
 # ------------------------------------------------ ldm_corr: the flipped-target variant

@@ -212,7 +212,15 @@ class FeatureMatching(CorrespondenceModule):
         return cache.image_features(self, image, name, category, compute)
 
     def on_test_end(self) -> None:
-        """Log this rank's feature-cache counts."""
+        """Log this rank's feature-cache counts and flip-alignment choices."""
+        if self.settings.flip_align:
+            done, seen = getattr(self, "flips", (0, 0))
+            log.info(
+                "rank %d: flip alignment kept the mirrored source in %d of %d pairs",
+                self.global_rank,
+                done,
+                seen,
+            )
         cache = getattr(self, "feature_cache", None)
         if cache is not None:
             log.info(
