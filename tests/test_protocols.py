@@ -232,3 +232,14 @@ def test_without_a_protocol_the_summary_names_none():
     assert "protocol" not in got and "averages" not in got
     want = reference("bbox-source", "resized", [0.05, 0.1, 0.15], True)
     assert got["pck"] == pytest.approx(want["pck"])
+
+
+def test_a_run_names_its_protocol_and_the_records_recompute_it(tmp_path):
+    from sdzero.runs import recompute_metrics, run_eval
+
+    out = tmp_path / "run"
+    overrides = [f"output_dir={out}", "protocol=dift", "logger=none", "visuals=0"]
+    got = run_eval(compose("demo_train", [*overrides, "trainer.enable_progress_bar=false"]))
+    assert got["protocol"] == "dift" and list(got["pck"]) == ["0.1"]
+    timing_and_weights = {"seconds_per_pair", "warning"}
+    assert recompute_metrics(out) == {k: v for k, v in got.items() if k not in timing_and_weights}

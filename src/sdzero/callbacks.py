@@ -104,14 +104,17 @@ class TaskMetrics(SampleCallback):
 
     ``run_dir`` is also where reused samples' artifacts are read back (segmentation masks)."""
 
-    def __init__(self, run_dir: str | Path | None = None) -> None:
+    def __init__(self, run_dir: str | Path | None = None, protocol: str | None = None) -> None:
         self.run_dir = None if run_dir is None else Path(run_dir)
+        self.protocol = protocol
         self.metrics: dict[str, Any] | None = None
         self._start = 0.0
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self._seconds, self._count, self._reused = 0.0, 0, 0
         self.metrics = None
+        if self.protocol is not None:
+            pl_module.task.protocol = self.protocol
 
     def on_test_batch_start(self, *args: Any, **kwargs: Any) -> None:
         self._start = time.perf_counter()
@@ -158,7 +161,9 @@ class TaskMetrics(SampleCallback):
                 if _is_wandb(pl_module.logger):
                     pl_module.logger.log_image(key=f"charts/{name}", images=[chart])
         if pl_module.logger is not None:
-            flat = {k: v for k, v in _flatten(summary).items() if isinstance(v, (int, float))}
+            tabled = set(task.tables(summary))  # logged as tables, not as many scalars
+            scalars = {k: v for k, v in summary.items() if k not in tabled}
+            flat = {k: v for k, v in _flatten(scalars).items() if isinstance(v, (int, float))}
             pl_module.logger.log_metrics(flat)
             if _is_wandb(pl_module.logger):
                 for key, (columns, rows) in task.tables(summary).items():
@@ -213,11 +218,15 @@ def portable(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def evaluation_callbacks(run_dir: str | Path | None, visuals: int = 0) -> list[pl.Callback]:
-    """The callbacks of an evaluation into ``run_dir`` (None: metrics in memory only)."""
+def evaluation_callbacks(
+    run_dir: str | Path | None, visuals: int = 0, protocol: str | None = None
+) -> list[pl.Callback]:
+    """The callbacks of an evaluation into ``run_dir`` (None: metrics in memory only);
+    ``protocol``: the scoring preset the config applied (named in ``metrics.json``)."""
+    metrics = TaskMetrics(run_dir, protocol)
     if run_dir is None:
-        return [TaskMetrics()]
-    return [PredictionRecords(run_dir), TaskMetrics(run_dir), Visuals(run_dir, visuals)]
+        return [metrics]
+    return [PredictionRecords(run_dir), metrics, Visuals(run_dir, visuals)]
 
 
 def _is_wandb(logger: Any) -> bool:

@@ -118,7 +118,7 @@ def evaluate(
     cfg: DictConfig, module: pl.LightningModule, datamodule: Any, run_dir: Path, logger: Any
 ) -> dict[str, Any]:
     """``trainer.test`` of ``module`` with the run folder's callbacks; the ``metrics.json`` object."""
-    callbacks = evaluation_callbacks(run_dir, cfg.visuals)
+    callbacks = evaluation_callbacks(run_dir, cfg.visuals, cfg.get("protocol"))
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     trainer.test(module, datamodule=datamodule, verbose=False)
     scorer = next(c for c in callbacks if isinstance(c, TaskMetrics))
@@ -209,6 +209,8 @@ def recompute_metrics(run_dir: str | Path) -> dict[str, Any]:
     datamodule = instantiate(cfg.data, key="data")
     datamodule.setup("test")
     task = build_method(cfg).make_task(datamodule)
+    if cfg.get("protocol") is not None:
+        task.protocol = cfg.protocol
     folder = predictions_dir(run_dir)
     records: dict[int, dict[str, Any]] = {}
     for path in sorted(folder.glob("*.jsonl")):
@@ -224,8 +226,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     """A small plain-text table of the headline numbers of a ``metrics.json`` object."""
     rows: list[tuple[str, str]] = []
     for key, value in metrics.items():
-        if key in {"per_category", "per_class_iou"}:
-            continue
+        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+            continue  # per-category / per-level tables: in metrics.json
         if isinstance(value, dict):
             rows += [(f"{key}@{k}", _fmt(v)) for k, v in value.items()]
         else:
