@@ -12,7 +12,10 @@ import pytest
 from cli_runs import eval_ok, metrics, sdzero, sdzero_env
 from wandb_offline import logged_values
 
+from sdzero.config import compose
+from sdzero.errors import ConfigError
 from sdzero.records import read_records
+from sdzero.run_folder import RunFolder
 
 COMMON = [
     "data.num_pairs=3",  # odd: 2 ranks get 2 + 1 samples
@@ -70,15 +73,14 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_metrics(reference, tmp_
 
 
 def test_fresh_run_refuses_a_folder_with_records(reference):
-    res = sdzero("eval", "demo_correspondence", f"output_dir={reference}", *COMMON, timeout=300)
-    assert res.returncode == 2 and "already holds prediction records" in res.stderr
+    # refused when the run folder is planned, before any data or model (the CLI prints it as one line)
+    with pytest.raises(ConfigError, match="already holds prediction records"):
+        RunFolder(compose("demo_correspondence", [f"output_dir={reference}", *COMMON]))
 
 
 def test_resume_with_other_settings_is_refused(reference):
-    res = sdzero(
-        "eval", "demo_correspondence", f"resume={reference}", "seed=9", *COMMON, timeout=300
-    )
-    assert res.returncode == 2 and "seed: 0 vs 9" in res.stderr
+    with pytest.raises(ConfigError, match="seed: 0 vs 9"):
+        RunFolder(compose("demo_correspondence", [f"resume={reference}", "seed=9", *COMMON]))
 
 
 def test_offline_wandb_run_holds_the_final_metrics(tmp_path):
