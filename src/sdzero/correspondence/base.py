@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.errors import ConfigError, InputError
 from sdzero.evaluation import EvaluationModule
 from sdzero.tasks.correspondence import CorrespondenceTask, Scoring
@@ -91,9 +92,45 @@ def check_query_points(
 
 
 class CorrespondenceModule(EvaluationModule):
-    """Base of the correspondence methods; ``self.settings`` is a :class:`ScoringSettings`."""
+    """Base of the correspondence methods; ``self.settings`` is a :class:`ScoringSettings`.
+
+    :param backbone: the ``backbone`` config group (``weights``, ``arch``, ``dtype``), read by
+        :meth:`load_sd` for methods on a frozen Stable Diffusion.
+    :param seed: the run seed (keys the method's random streams).
+    """
 
     settings: Any
+
+    def __init__(self, backbone: dict[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.backbone_cfg = dict(backbone or {})
+        self.backbone_dtype = as_dtype(self.backbone_cfg.get("dtype", "float32"), "backbone.dtype")
+        self.seed = int(seed)
+        self.sd: Any = None
+        self.prompt_embeds: dict[str, torch.Tensor] = {}
+
+    def load_sd(self, text_encoder: bool = False) -> Any:
+        """The frozen Stable Diffusion of the ``backbone`` group, loaded once (it flags random
+        weights on the module)."""
+        if self.sd is None:
+            cfg = self.backbone_cfg
+            self.sd = load_stable_diffusion(
+                cfg.get("weights"),
+                cfg.get("arch"),
+                text_encoder=text_encoder,
+                dtype=self.backbone_dtype,
+            )
+            self.random_weights |= bool(self.sd.random_weights)
+        return self.sd
+
+    def prompt_embedding(self, category: str) -> torch.Tensor:
+        """``(1, 77, D)`` text embedding of the settings' ``prompt`` (``{category}`` filled in),
+        computed once per prompt with the loaded Stable Diffusion's text encoder."""
+        prompt = self.settings.prompt.format(category=category)
+        if prompt not in self.prompt_embeds:
+            with torch.no_grad():
+                self.prompt_embeds[prompt] = self.sd.encode_prompt([prompt])
+        return self.prompt_embeds[prompt]
 
     def make_task(self, datamodule: Any) -> CorrespondenceTask:
         """PCK over the datamodule's ``category_names`` with the settings' scoring."""

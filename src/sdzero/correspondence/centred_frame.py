@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdzero.tasks.frames import resized
+
 
 @dataclass(frozen=True)
 class CentredFrame:
@@ -53,17 +55,9 @@ class CentredFrame:
     def image(self, image_u8: torch.Tensor) -> torch.Tensor:
         """``(3, h, w)`` uint8 -> ``(1, 3, S, S)`` float in [0, 1]: PIL LANCZOS on the uint8
         image, pasted centred on black, divided by 255."""
-        if image_u8.ndim != 3 or image_u8.shape[0] != 3 or image_u8.dtype != torch.uint8:
-            raise ValueError(
-                f"expected a (3, H, W) uint8 RGB image, got {image_u8.dtype} "
-                f"of shape {tuple(image_u8.shape)}"
-            )
         cw, ch = self.content_wh
-        pil = Image.fromarray(image_u8.permute(1, 2, 0).cpu().contiguous().numpy())
-        if pil.size != (cw, ch):
-            pil = pil.resize((cw, ch), Image.Resampling.LANCZOS)
+        content = resized(image_u8, (cw, ch), Image.Resampling.LANCZOS)
         canvas = torch.zeros(3, self.size, self.size)
         x0, y0 = self.offset
-        content = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div(255)
         canvas[:, y0 : y0 + ch, x0 : x0 + cw] = content
         return canvas[None]

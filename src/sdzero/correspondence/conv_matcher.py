@@ -80,7 +80,7 @@ class ConvMatcher(FeatureMatching):
     smoke_test = SmokeTest("demo_train", ("data.num_pairs=3",))
 
     def __init__(self, backbone: Any = None, seed: int = 0, **settings: Any) -> None:
-        super().__init__()
+        super().__init__(seed=seed)  # the backbone group is not read
         self.settings = build_settings(ConvMatcherSettings, settings)
         torch.manual_seed(int(seed))  # the initial weights depend on the run seed only
         self.net = conv_net(self.settings.channels)

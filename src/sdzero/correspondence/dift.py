@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.backbones.sd_features import diffused_latents, up_block_features
 from sdzero.correspondence.matching import (
     FeatureMatching,
@@ -108,35 +107,17 @@ class DIFT(FeatureMatching):
     )
 
     def __init__(self, backbone: dict[str, Any], seed: int = 0, **settings: Any) -> None:
-        super().__init__()
+        super().__init__(backbone, seed)
         self.settings = build_settings(DIFTSettings, settings)
-        self.backbone_dtype = as_dtype(backbone.get("dtype", "float32"), "backbone.dtype")
-        self.backbone_cfg = dict(backbone)
-        self.seed = int(seed)
-        self.sd = None
-        self.prompt_embeds: dict[str, torch.Tensor] = {}
 
     def setup(self, stage: str) -> None:
         """Build the task (under a Trainer) and load the backbone with its text encoder."""
         super().setup(stage)
-        if self.sd is None:
-            cfg = self.backbone_cfg
-            self.sd = load_stable_diffusion(
-                cfg["weights"], cfg["arch"], text_encoder=True, dtype=self.backbone_dtype
-            )
-            self.random_weights = bool(self.sd.random_weights)
+        self.load_sd(text_encoder=True)
 
     def frame(self, image: torch.Tensor) -> ModelFrame:
         """The base's model frame, resized with ``method.resample``."""
         return replace(super().frame(image), resample=self.settings.resample)
-
-    def prompt_embedding(self, category: str) -> torch.Tensor:
-        """``(1, 77, D)`` text embedding of ``method.prompt`` for ``category`` (computed once)."""
-        prompt = self.settings.prompt.format(category=category)
-        if prompt not in self.prompt_embeds:
-            with torch.no_grad():
-                self.prompt_embeds[prompt] = self.sd.encode_prompt([prompt])
-        return self.prompt_embeds[prompt]
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, names: Sequence[str], category: str) -> torch.Tensor:

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.correspondence.base import CorrespondenceModule, PairInfo, ScoringSettings
 from sdzero.correspondence.fit_config import FitConfig
 from sdzero.correspondence.fitting import PromptCorrespondence
@@ -43,22 +42,15 @@ class PromptCorrespondenceModule(CorrespondenceModule):
     )
 
     def __init__(self, backbone: dict[str, Any], seed: int = 0, **settings: Any) -> None:
-        super().__init__()
+        super().__init__(backbone, seed)
         self.settings = build_settings(CorrespondenceSettings, settings)
-        self.backbone_dtype = as_dtype(backbone.get("dtype", "float32"), "backbone.dtype")
-        self.backbone_cfg = dict(backbone)
-        self.seed = int(seed)
-        self.sd = None
         self.method: PromptCorrespondence | None = None
 
     def setup(self, stage: str) -> None:
         """Build the task (under a Trainer) and load the backbone."""
         super().setup(stage)
-        if self.sd is None:
-            cfg = self.backbone_cfg
-            self.sd = load_stable_diffusion(cfg["weights"], cfg["arch"], dtype=self.backbone_dtype)
-            self.random_weights = bool(self.sd.random_weights)
-            self.method = PromptCorrespondence(self.sd, self.settings)
+        if self.method is None:
+            self.method = PromptCorrespondence(self.load_sd(), self.settings)
 
     def match(
         self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, pair: PairInfo

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sdzero.backbones.sd import as_dtype, load_stable_diffusion
 from sdzero.backbones.vit_features import FACETS, build_vit_extractor
 from sdzero.correspondence.base import PairInfo
 from sdzero.correspondence.centred_frame import CentredFrame
@@ -177,28 +176,20 @@ class SDDINO(FeatureMatching):
     )
 
     def __init__(self, backbone: dict[str, Any], seed: int = 0, **settings: Any) -> None:
-        super().__init__()
+        super().__init__(backbone, seed)
         self.settings = build_settings(SDDINOSettings, settings)
-        self.backbone_dtype = as_dtype(backbone.get("dtype", "float32"), "backbone.dtype")
-        self.backbone_cfg = dict(backbone)
-        self.seed = int(seed)
-        self.sd = None
         self.dino = None
-        self.prompt_embeds: dict[str, torch.Tensor] = {}
 
     def setup(self, stage: str) -> None:
         """Build the task (under a Trainer), load both backbones and check that their grids agree."""
         super().setup(stage)
         s = self.settings
-        if self.sd is None:
-            cfg = self.backbone_cfg
-            self.sd = load_stable_diffusion(
-                cfg["weights"], cfg["arch"], text_encoder=True, dtype=self.backbone_dtype
-            )
+        self.load_sd(text_encoder=True)
+        if self.dino is None:
             self.dino = build_vit_extractor(
                 s.dino_model, s.dino_weights, s.dino_block, s.dino_facet
             )
-            self.random_weights = bool(self.sd.random_weights or s.dino_weights == "random")
+            self.random_weights |= s.dino_weights == "random"
         sd_grid = s.image_size * (1 << (s.unet_blocks[-1] // 3)) // 64
         dino_grid = s.dino_size // self.dino.patch_size
         if sd_grid != dino_grid:
@@ -213,14 +204,6 @@ class SDDINO(FeatureMatching):
         if self.settings.resize == "letterbox":
             return CentredFrame(int(image.shape[2]), int(image.shape[1]), self.settings.image_size)
         return super().frame(image)
-
-    def prompt_embedding(self, category: str) -> torch.Tensor:
-        """``(1, 77, D)`` embedding of ``method.prompt`` for ``category`` (computed once)."""
-        prompt = self.settings.prompt.format(category=category)
-        if prompt not in self.prompt_embeds:
-            with torch.no_grad():
-                self.prompt_embeds[prompt] = self.sd.encode_prompt([prompt])
-        return self.prompt_embeds[prompt]
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, names: Sequence[str], category: str) -> torch.Tensor:

@@ -20,6 +20,20 @@ RESIZE_MODES = ("stretch", "letterbox")
 RESAMPLE_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 
 
+def resized(image_u8: torch.Tensor, size_wh: tuple[int, int], resample: int) -> torch.Tensor:
+    """``(3, h, w)`` uint8 -> ``(3, H, W)`` float in [0, 1] for ``size_wh = (W, H)``: PIL's
+    ``resample`` filter on the uint8 image, then divided by 255 (as the official loaders do)."""
+    if image_u8.ndim != 3 or image_u8.shape[0] != 3 or image_u8.dtype != torch.uint8:
+        raise ValueError(
+            f"expected a (3, H, W) uint8 RGB image, got {image_u8.dtype} "
+            f"of shape {tuple(image_u8.shape)}"
+        )
+    pil = Image.fromarray(image_u8.permute(1, 2, 0).cpu().contiguous().numpy())
+    if pil.size != tuple(size_wh):
+        pil = pil.resize(tuple(size_wh), resample)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div(255)
+
+
 @dataclass(frozen=True)
 class ModelFrame:
     """Geometry of one image: original ``(w, h)``, model side ``size``, ``mode``; ``resample``
@@ -72,16 +86,8 @@ class ModelFrame:
         ``Resize`` of a PIL image; bicubic: ``Image.resize``'s default), then divided by 255, so
         the VAE sees the official pixels.
         """
-        if image_u8.ndim != 3 or image_u8.shape[0] != 3 or image_u8.dtype != torch.uint8:
-            raise ValueError(
-                f"expected a (3, H, W) uint8 RGB image, got {image_u8.dtype} "
-                f"of shape {tuple(image_u8.shape)}"
-            )
         cw, ch = self.content_wh
-        pil = Image.fromarray(image_u8.permute(1, 2, 0).cpu().contiguous().numpy())
-        if pil.size != (cw, ch):
-            pil = pil.resize((cw, ch), RESAMPLE_FILTERS[self.resample])
-        x = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float().div(255)[None]
+        x = resized(image_u8, (cw, ch), RESAMPLE_FILTERS[self.resample])[None]
         if (cw, ch) != (self.size, self.size):
             x = F.pad(x, (0, self.size - cw, 0, self.size - ch))
         return x
