@@ -290,3 +290,13 @@ def test_eval_errors_are_one_clear_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "CompVis/stable-diffusion-v1-4" in err and "download" in err
+
+
+def test_version_and_the_options_listed_in_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("sdzero ")
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "demo_correspondence" in out and "method=: " in out and "ldm_corr" in out

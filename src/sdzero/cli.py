@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sdzero.config import available, compose, config_dir
+from sdzero.config import GROUPS, available, compose, config_dir
 from sdzero.errors import UserError
 
 DEMO_EXPERIMENTS = ("demo_correspondence", "demo_segmentation")
@@ -123,19 +123,50 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("sdzero")
+    except md.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _choices_epilog() -> str:
+    """The experiments and group options, listed under ``eval/train/config --help``."""
+    try:
+        lines = ["experiments: " + ", ".join(available("experiment"))]
+        lines += [f"{group}=: " + ", ".join(available(group)) for group in GROUPS]
+    except UserError:  # no configs/ folder: the command itself will say so
+        return ""
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdzero", description="Zero-shot vision with frozen Stable Diffusion."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"sdzero {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    choices = _choices_epilog()
 
-    p = sub.add_parser("eval", help="evaluate an experiment on its benchmark")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate an experiment on its benchmark",
+        epilog=choices,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("train", help="fit a trainable method, then evaluate its best checkpoint")
+    p = sub.add_parser(
+        "train",
+        help="fit a trainable method, then evaluate its best checkpoint",
+        epilog=choices,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
     p.set_defaults(func=_train)
@@ -145,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to both demos")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("config", help="print the composed, validated config and stop")
+    p = sub.add_parser(
+        "config",
+        help="print the composed, validated config and stop",
+        epilog=choices,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
     p.set_defaults(func=_config)
