@@ -300,3 +300,10 @@ def test_version_and_the_options_listed_in_help(capsys):
         main(["eval", "--help"])
     out = capsys.readouterr().out
     assert "demo_correspondence" in out and "method=: " in out and "ldm_corr" in out
+
+
+def test_pixel_needs_explain(tmp_path, capsys):
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    line = user_error(capsys, ["segment", str(image), "--classes", "cat", "--pixel", "1,1"])
+    assert "--pixel X,Y names the pixel --explain OUT.png explains" in line

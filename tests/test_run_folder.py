@@ -88,3 +88,16 @@ def test_a_garbled_record_line_is_logged_and_dropped(tmp_path, caplog):
 
 def test_portable_names():
     assert portable("000001-2008_000:aeroplane/x y") == "000001-2008_000_aeroplane_x_y"
+
+
+def test_files_written_atomically_follow_the_umask(tmp_path):
+    import os
+
+    from sdzero.records import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644

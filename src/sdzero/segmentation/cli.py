@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from sdzero.errors import InputError
+
 OVERRIDES_HELP = (
     "key=value config overrides (method.*, backbone=<name>, trainer.accelerator, ...), placed "
     "right after the positional arguments or after the class names"
@@ -29,6 +31,10 @@ def _segment(args: argparse.Namespace) -> int:
     from sdzero.segmentation.api import segment_file
 
     _split_overrides(args)
+    if args.pixel is not None and not args.explain:
+        raise InputError(
+            "--pixel X,Y names the pixel --explain OUT.png explains; give --explain too"
+        )
     summary = segment_file(
         args.image, args.classes, args.overrides, args.out, args.explain, args.pixel
     )
