@@ -132,7 +132,10 @@ def test_match_rejects_a_file_that_is_not_an_image(tmp_path, image, capsys, no_m
 
 
 def test_segment_user_errors_name_the_argument(tmp_path, image, capsys, no_model):
-    line = user_error(capsys, ["segment", str(image), "--classes", "cat", "--pixel", "40,3"])
+    explain = ["--explain", str(tmp_path / "why.png")]
+    line = user_error(
+        capsys, ["segment", str(image), "--classes", "cat", "--pixel", "40,3", *explain]
+    )
     assert "--pixel (40, 3) lies outside the 32x32 (w x h) image" in line and str(image) in line
     line = user_error(capsys, ["segment", str(image), "--classes", "cat", "--explain", "w.png"])
     assert "--explain needs --pixel X,Y" in line
