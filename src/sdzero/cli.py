@@ -151,40 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     choices = _choices_epilog()
 
-    p = sub.add_parser(
-        "eval",
-        help="evaluate an experiment on its benchmark",
-        epilog=choices,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    experiment_commands = (
+        ("eval", "evaluate an experiment on its benchmark", _eval),
+        ("train", "fit a trainable method, then evaluate its best checkpoint", _train),
+        ("config", "print the composed, validated config and stop", _config),
     )
-    p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
-    p.set_defaults(func=_eval)
-
-    p = sub.add_parser(
-        "train",
-        help="fit a trainable method, then evaluate its best checkpoint",
-        epilog=choices,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
-    p.set_defaults(func=_train)
+    for name, text, func in experiment_commands:
+        p = sub.add_parser(
+            name,
+            help=text,
+            epilog=choices,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
+        p.add_argument(
+            "overrides", nargs="*", help="key=value config overrides, group=option choices"
+        )
+        p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="run the demo experiments on synthetic data (CPU, no download)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to both demos")
     p.set_defaults(func=_demo)
-
-    p = sub.add_parser(
-        "config",
-        help="print the composed, validated config and stop",
-        epilog=choices,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("experiment", help="a name under configs/experiment/ or a YAML path")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides, group=option choices")
-    p.set_defaults(func=_config)
 
     p = sub.add_parser("info", help="versions, devices, backbones, datasets")
     p.set_defaults(func=_info)
