@@ -31,7 +31,6 @@ from sdzero.backbones.sd_features import diffused_latents, up_block_features
 from sdzero.correspondence.matching import (
     FeatureMatching,
     FeatureSettings,
-    check_match_resolution,
 )
 from sdzero.errors import ConfigError
 from sdzero.evaluation import SmokeTest
@@ -86,7 +85,6 @@ class DIFTSettings(FeatureSettings):
             raise ConfigError(
                 f"method.ensemble_batch must be >= 0 (0 = all at once), got {self.ensemble_batch}"
             )
-        check_match_resolution(self.match_resolution, self.resize)
 
 
 def copy_generator(seed: int, name: str, copy: int) -> torch.Generator:
@@ -101,7 +99,7 @@ class DIFT(FeatureMatching):
     the keys of :class:`DIFTSettings`."""
 
     settings_class = DIFTSettings
-    non_feature_keys = ("ensemble_batch", "match_resolution")  # they change no feature
+    non_feature_keys = ("ensemble_batch",)  # it changes no feature
     smoke_test = SmokeTest(
         "demo_dift", ("data.num_pairs=3",), batching=(("method.ensemble_batch=1",),)
     )

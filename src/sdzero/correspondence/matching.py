@@ -136,7 +136,8 @@ class FeatureSettings(ScoringSettings):
 
     ``flip_align``, ``flip_score``, ``soft_argmax_window``, ``soft_argmax_temperature``:
     GeoAware-SC's test-time pose alignment and window soft-argmax
-    (:mod:`sdzero.correspondence.refine`); off by default.
+    (:mod:`sdzero.correspondence.refine`); off by default. ``match_resolution``: the matching
+    rule, :func:`nearest_neighbours` (``cell``) or :func:`nearest_pixels` (``image``).
     """
 
     feature_cache: str | None = None  # folder of the on-disk per-image feature cache; null: off
@@ -145,6 +146,7 @@ class FeatureSettings(ScoringSettings):
     flip_score: str = "nn_distance"  # orientation score: nn_distance (official) | mutual_nn
     soft_argmax_window: int = 0  # window half-size in cells (official 5: 11 x 11); 0: argmax
     soft_argmax_temperature: float = 0.02  # softmax temperature on cosine similarity (official)
+    match_resolution: str = "cell"  # cell: nearest feature cell | image: nearest pixel (DIFT)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,12 +173,12 @@ class FeatureSettings(ScoringSettings):
             raise ConfigError(
                 f"method.soft_argmax_temperature must be > 0, got {self.soft_argmax_temperature}"
             )
-        resolution = getattr(self, "match_resolution", "cell")
-        if self.soft_argmax_window and resolution != "cell":
+        check_match_resolution(self.match_resolution, self.resize)
+        if self.soft_argmax_window and self.match_resolution != "cell":
             raise ConfigError(
                 f"method.soft_argmax_window={self.soft_argmax_window} needs "
-                f"method.match_resolution=cell, got {resolution!r} (the window soft-argmax runs "
-                "on the feature grid, as GeoAware-SC's)"
+                f"method.match_resolution=cell, got {self.match_resolution!r} (the window "
+                "soft-argmax runs on the feature grid, as GeoAware-SC's)"
             )
 
 
@@ -238,10 +240,11 @@ class FeatureMatching(CorrespondenceModule):
         """Refuse GeoAware's options on a method whose :meth:`match` is its own (they would be
         ignored), before the base setup loads anything."""
         s = self.settings
-        if type(self).match is not FeatureMatching.match and (s.flip_align or s.soft_argmax_window):
+        options = s.flip_align or s.soft_argmax_window or s.match_resolution != "cell"
+        if type(self).match is not FeatureMatching.match and options:
             raise ConfigError(
-                f"method.flip_align / method.soft_argmax_window are not supported by "
-                f"{type(self).__name__}, which matches with its own rule"
+                f"method.flip_align / method.soft_argmax_window / method.match_resolution are "
+                f"not supported by {type(self).__name__}, which matches with its own rule"
             )
         super().setup(stage)
 
@@ -303,11 +306,10 @@ class FeatureMatching(CorrespondenceModule):
         pair: PairInfo | None = None,
     ) -> torch.Tensor:
         """As :meth:`CorrespondenceModule.predict_pair` (original pixels in and out). With
-        ``method.match_resolution=image`` (a key of the method's settings; ``cell`` where it has
-        none) the match is :func:`nearest_pixels` on the original images' pixel grids instead of
+        ``method.match_resolution=image`` the match is :func:`nearest_pixels` on the original images' pixel grids instead of
         :meth:`match` in the model frame (with ``method.flip_align``, the mirrored source's
         points are ``x -> W - 1 - x``, pixel indices)."""
-        if getattr(self.settings, "match_resolution", "cell") == "cell":
+        if self.settings.match_resolution == "cell":
             return super().predict_pair(src_img, trg_img, src_kps, pair)
         pair = pair or PairInfo()
         src_frame, trg_frame = self.frame(src_img), self.frame(trg_img)
