@@ -106,6 +106,19 @@ def threshold_size(
     return size
 
 
+def point_hits(
+    pred: Any, target: Any, size: float, alphas: Sequence[float], inclusive: bool = True
+) -> Tensor:
+    """The PCK rule per point: ``(A, N)`` bool, ``hits[a, i]`` when the L2 distance of ``pred[i]``
+    to ``target[i]`` (``(N, 2)`` pixels of one frame) is ``<= alphas[a] * size`` (``<`` when not
+    ``inclusive``)."""
+    distance = torch.linalg.vector_norm(
+        _as_points(pred, "pred") - _as_points(target, "target"), dim=1
+    )
+    limits = torch.tensor(tuple(alphas), dtype=torch.float64)[:, None] * float(size)
+    return distance[None] <= limits if inclusive else distance[None] < limits
+
+
 # `PCK.update` takes an argument named like the function.
 _threshold_size = threshold_size
 
@@ -246,9 +259,7 @@ class PCK(Metric):
             if not size > 0 or size == float("inf"):
                 raise ValueError(f"threshold_size must be a positive length, got {threshold_size}")
 
-        distance = torch.linalg.vector_norm(pred - target, dim=1)
-        limits = torch.tensor(self.alphas, dtype=torch.float64)[:, None] * size
-        hits = distance[None] <= limits if self.inclusive else distance[None] < limits
+        hits = point_hits(pred, target, size, self.alphas, self.inclusive)
         correct = hits.sum(dim=1)  # (A,)
         self.num_pairs[row] += 1
         self.num_points[row] += len(target)
