@@ -28,6 +28,7 @@ import numpy as np
 
 from datamodules.base import KeypointPair, KeypointPairDataset
 from datamodules.files import DatasetFormatError, find_dataset_root
+from datamodules.query_points import PairView, parse_query_points
 from datamodules.training import TrainableDataModule
 from sdzero.errors import ConfigError
 
@@ -247,6 +248,8 @@ class CUBDataModule(TrainableDataModule):
     :param num_classes: classes with id <= this; ``None`` = 3 for ``hedlin``, all for ``sampled``.
     :param num_pairs: pairs drawn by ``sampled`` (``None`` = 1000); ``None`` for ``hedlin``.
     :param seed: seed of the ``sampled`` draw.
+    :param query_points, reverse: the evaluated split's query points (``keypoints`` | ``grid:N``)
+        and direction (see :mod:`datamodules.query_points`).
     """
 
     def __init__(
@@ -263,17 +266,21 @@ class CUBDataModule(TrainableDataModule):
         val_split: str | None = None,
         batch_size: int = 8,
         train_limit: int | None = None,
+        query_points: str = "keypoints",
+        reverse: bool = False,
     ) -> None:
         splits = (train_split, val_split, batch_size, train_limit)
         super().__init__(root, limit, num_workers, *splits)
+        parse_query_points(query_points)
+        self.query_points, self.reverse = query_points, reverse
         self.protocol = protocol
         self.split = split
         self.num_classes = num_classes
         self.num_pairs = num_pairs
         self.seed = seed
 
-    def build_dataset(self) -> CUBDataset:
-        return self.build_split(self.split)
+    def build_dataset(self) -> PairView:
+        return PairView(self.build_split(self.split), self.query_points, self.reverse)
 
     def build_split(self, split: str) -> CUBDataset:
         return CUBDataset(

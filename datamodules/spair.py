@@ -19,6 +19,7 @@ import numpy as np
 
 from datamodules.base import KeypointPair, KeypointPairDataset
 from datamodules.files import DatasetFormatError, find_dataset_root, read_json, require
+from datamodules.query_points import PairView, parse_query_points
 from datamodules.training import TrainableDataModule
 from sdzero.errors import ConfigError
 
@@ -229,6 +230,8 @@ class SPairDataModule(TrainableDataModule):
     :param category: ``None`` (all), a category name, or a list of names.
     :param per_category: evaluate the first ``per_category`` pairs of each category (layout order;
         ``limit`` then takes the head of that subset); the training splits stay whole.
+    :param query_points, reverse: the evaluated split's query points (``keypoints`` | ``grid:N``)
+        and direction (see :mod:`datamodules.query_points`).
     """
 
     def __init__(
@@ -243,16 +246,21 @@ class SPairDataModule(TrainableDataModule):
         val_split: str | None = "val",
         batch_size: int = 8,
         train_limit: int | None = None,
+        query_points: str = "keypoints",
+        reverse: bool = False,
     ) -> None:
         splits = (train_split, val_split, batch_size, train_limit)
         super().__init__(root, limit, num_workers, *splits)
         check_per_category(per_category)
+        parse_query_points(query_points)
         self.split = split
         self.category = category
         self.per_category = per_category
+        self.query_points, self.reverse = query_points, reverse
 
-    def build_dataset(self) -> SPairDataset:
-        return SPairDataset(self.root, self.split, self.category, self.per_category)
+    def build_dataset(self) -> PairView:
+        dataset = SPairDataset(self.root, self.split, self.category, self.per_category)
+        return PairView(dataset, self.query_points, self.reverse)
 
     def build_split(self, split: str) -> SPairDataset:
         return SPairDataset(self.root, split=split, category=self.category)

@@ -160,6 +160,7 @@ def test_state_does_not_grow_with_the_pairs() -> None:
         "correct": (3, 3),
         "num_points": (3,),
         "num_empty_pairs": (),
+        "num_unlabelled": (),
     }
     for _ in range(50):
         score(metric, PRED, TARGET, trg_bbox=TRG_BBOX)

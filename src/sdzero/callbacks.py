@@ -151,6 +151,8 @@ class TaskMetrics(SampleCallback):
         summary = summarise(task, computed, seconds_per_sample, trainer.datamodule)
         if getattr(pl_module, "random_weights", False):
             summary["warning"] = RANDOM_WEIGHTS_WARNING
+        if "note" in summary and trainer.global_rank == 0:
+            log.warning(summary["note"])
         self.metrics = summary
         if trainer.global_rank == 0 and self.run_dir is not None:
             write_json_atomic(self.run_dir / "metrics.json", summary)
@@ -183,6 +185,14 @@ def summarise(task: Any, computed: dict[str, Any], seconds: float | None, datamo
         dataset=getattr(datamodule, "dataset_name", type(datamodule).__name__),
         split_size=int(getattr(datamodule, "split_size", -1)),
     )
+    unlabelled = computed.get("num_unlabelled_points", 0)
+    if unlabelled:  # data.query_points=grid:N
+        summary["num_unlabelled_points"] = unlabelled
+        summary["note"] = (
+            f"{unlabelled} query points have no ground truth (data.query_points): they are "
+            f"recorded in predictions/ but not scored; PCK is over the {summary['num_points']} "
+            "annotated points only"
+        )
     return summary
 
 

@@ -2,12 +2,15 @@
 
 A prediction record file is JSON Lines: one object a line, flushed and fsync'ed as each sample
 finishes, so a killed run loses at most the line being written; a torn last line is detected on read.
+A coordinate without a value (a query point without ground truth: NaN in memory) is written as
+``null`` inside the point lists (keys ending in ``_kps``) and read back as NaN.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -56,7 +59,8 @@ class RecordWriter:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for appends
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        line = json.dumps(_points_as(record, _nan_to_null), separators=(",", ":"))
+        self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -104,8 +108,25 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
             except json.JSONDecodeError:
                 record = None
             if isinstance(record, dict):
-                yield record
+                yield _points_as(record, _null_to_nan)
             else:
                 log.warning(
                     "%s line %d is not a JSON record; dropped (its sample is redone)", path, number
                 )
+
+
+def _nan_to_null(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _null_to_nan(value: Any) -> Any:
+    return math.nan if value is None else value
+
+
+def _points_as(record: dict[str, Any], convert: Any) -> dict[str, Any]:
+    """``record`` with ``convert`` applied to each coordinate of its ``*_kps`` point lists."""
+    out = dict(record)
+    for key, points in record.items():
+        if key.endswith("_kps") and isinstance(points, list):
+            out[key] = [[convert(v) for v in p] if isinstance(p, list) else p for p in points]
+    return out

@@ -22,8 +22,15 @@ ThresholdKind = Literal[
 THRESHOLD_KINDS: tuple[str, ...] = get_args(ThresholdKind)
 
 
-def _as_points(value: Any, name: str) -> Tensor:
-    """``value`` as a finite ``(N, 2)`` float64 CPU tensor; float64 keeps ties at the threshold exact."""
+def labelled_rows(target: Any) -> Tensor:
+    """``(N,)`` bool: which points of ``target`` ``(N, 2)`` have a ground truth. A row of NaN is
+    a query point without one (``data.query_points=grid:N``): recorded, never scored."""
+    return ~torch.isnan(torch.as_tensor(target, dtype=torch.float64).reshape(-1, 2)).all(dim=1)
+
+
+def _as_points(value: Any, name: str, unlabelled: bool = False) -> Tensor:
+    """``value`` as a finite ``(N, 2)`` float64 CPU tensor; float64 keeps ties at the threshold exact.
+    ``unlabelled``: rows of NaN (points without ground truth) are allowed too."""
     points = torch.as_tensor(value).detach().to(device="cpu", dtype=torch.float64)
     if points.numel() == 0:
         points = points.reshape(0, 2)
@@ -31,7 +38,8 @@ def _as_points(value: Any, name: str) -> Tensor:
         raise ValueError(
             f"{name} must have shape (N, 2) as (x, y) pixels, got {tuple(points.shape)}"
         )
-    if not torch.isfinite(points).all():
+    known = labelled_rows(points) if unlabelled else slice(None)
+    if not torch.isfinite(points[known]).all():
         raise ValueError(f"{name} contains NaN or infinite coordinates")
     return points
 
@@ -94,7 +102,8 @@ def threshold_size(
             raise ValueError(f"trg_size must be (w, h), got {value}")
         size = float(max(wh))
     else:
-        kps = _as_points(trg_kps, "trg_kps")
+        kps = _as_points(trg_kps, "trg_kps", unlabelled=True)
+        kps = kps[labelled_rows(kps)]
         if len(kps) == 0:
             raise ValueError(f"PCK threshold {kind!r} needs at least one target keypoint")
         low = kps.min(dim=0).values
@@ -135,6 +144,8 @@ class PCK(Metric):
     - ``correct`` ``(C, A)`` int64 and ``num_points`` ``(C,)`` int64: correct and scored keypoints;
     - ``num_empty_pairs`` ``()`` int64: pairs without keypoints, which have no PCK and are left out of
       every mean and of ``num_pairs`` (they need no threshold inputs).
+    - ``num_unlabelled`` ``()`` int64: query points without ground truth (target rows of NaN):
+      never scored; a pair with only such points counts as empty.
 
     :param categories: every category the pairs may have (e.g. the datamodule's
         ``category_names``), the same on every rank.
@@ -153,6 +164,7 @@ class PCK(Metric):
     correct: Tensor
     num_points: Tensor
     num_empty_pairs: Tensor
+    num_unlabelled: Tensor
 
     def __init__(
         self,
@@ -187,6 +199,7 @@ class PCK(Metric):
         self.add_state("correct", torch.zeros(shape, dtype=torch.long), "sum")
         self.add_state("num_points", torch.zeros(len(categories), dtype=torch.long), "sum")
         self.add_state("num_empty_pairs", torch.zeros((), dtype=torch.long), "sum")
+        self.add_state("num_unlabelled", torch.zeros((), dtype=torch.long), "sum")
 
     float64_states: tuple[str, ...] = ("percent_sum",)
     """States that stay float64 whatever the module's dtype."""
@@ -235,10 +248,10 @@ class PCK(Metric):
         self, pred: Any, target: Any, category: str, **threshold_inputs: Any
     ) -> tuple[int, Tensor] | None:
         """Check and score one pair into the state (see :meth:`update`); returns its category row and
-        its hits ``(A, N)`` bool, or None for a pair without keypoints."""
+        its hits ``(A, N)`` bool over its points with ground truth, or None for a pair without."""
         threshold_size = threshold_inputs.pop("threshold_size")
         pred = _as_points(pred, "pred")
-        target = _as_points(target, "target")
+        target = _as_points(target, "target", unlabelled=True)
         if pred.shape != target.shape:
             raise ValueError(
                 f"pred and target must have the same shape (N, 2), got {tuple(pred.shape)} "
@@ -249,6 +262,9 @@ class PCK(Metric):
                 f"unknown category {category!r}; this PCK scores {list(self.categories)}"
             )
         row = self._category_row[category]
+        known = labelled_rows(target)
+        self.num_unlabelled += int((~known).sum())
+        pred, target = pred[known], target[known]
         if len(target) == 0:  # no PCK, so no threshold is needed
             self.num_empty_pairs += 1
             return None
@@ -272,8 +288,8 @@ class PCK(Metric):
 
         Returns ``{"pck": {alpha: mean over pairs}, "pck_point": {alpha: pooled over points},
         "per_category": {name: {alpha: mean over the category's pairs}}, "num_pairs", "num_points",
-        "num_empty_pairs"}``; alpha keys are strings such as ``"0.1"``; ``per_category`` holds the
-        categories with at least one scored pair, sorted by name.
+        "num_empty_pairs"}`` and, when there were any, ``"num_unlabelled_points"``; alpha keys are
+        strings such as ``"0.1"``; ``per_category`` holds the categories with at least one scored pair, sorted by name.
         """
         num_pairs = int(self.num_pairs.sum())
         num_empty = int(self.num_empty_pairs)
@@ -282,6 +298,9 @@ class PCK(Metric):
         if num_pairs == 0:
             raise RuntimeError("PCK.compute(): no scored pair has any keypoint")
         num_points = int(self.num_points.sum())
+        unlabelled = (
+            {"num_unlabelled_points": int(self.num_unlabelled)} if self.num_unlabelled else {}
+        )
         per_category = {
             name: self._by_alpha(self.percent_sum[row] / self.num_pairs[row])
             for name, row in sorted(self._category_row.items())
@@ -294,6 +313,7 @@ class PCK(Metric):
             "num_pairs": num_pairs,
             "num_points": num_points,
             "num_empty_pairs": num_empty,
+            **unlabelled,
         }
 
     def _by_alpha(self, values: Tensor) -> dict[str, float]:

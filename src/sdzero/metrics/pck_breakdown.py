@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdzero.metrics.pck import PCK
+from sdzero.metrics.pck import PCK, labelled_rows
 
 DIFFICULTY_LEVELS: dict[str, int] = {
     "viewpoint_variation": 3,
@@ -126,11 +126,12 @@ class PCKBreakdown(PCK):
         """Score one pair (see :meth:`PCK.update`; ``threshold_inputs`` are its ``src_bbox``,
         ``trg_bbox``, ``trg_size`` and ``threshold_size``).
 
-        :param kps_ids: the id of each of the ``N`` keypoints, or None.
+        :param kps_ids: the id of each keypoint with ground truth (in order), or None.
         :param difficulty: ``{factor: level}`` of the pair (any subset of ``factors``), or None.
         """
         rows = self._level_rows(difficulty or {})
-        ids = None if kps_ids is None else self._keypoint_ids(kps_ids, len(target))
+        labelled = int(labelled_rows(target).sum())  # ids name the points with ground truth
+        ids = None if kps_ids is None else self._keypoint_ids(kps_ids, labelled)
         threshold_inputs.setdefault("threshold_size", None)
         scored = self._score(pred, target, category, **threshold_inputs)
         if scored is None:
