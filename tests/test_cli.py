@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from sdzero.cli import main
+from sdzero.tasks.viz import MIN_SIDE, PAD, STAMP_RED, stamp_height
 
 
 def test_info_lists_versions_backbones_and_experiments(capsys):
@@ -65,8 +66,12 @@ def test_match_prints_points_and_draws_lines(tmp_path, capsys):
     points = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(points) == 2
     assert all(0 <= x <= 80 and 0 <= y <= 64 for x, y in points)  # target pixels
-    with Image.open(viz) as img:
-        assert img.size == (128 + 80, 96)
+    with Image.open(viz) as img:  # both images enlarged to MIN_SIDE, side by side
+        rgb = img.convert("RGB")
+    assert rgb.width == 2 * MIN_SIDE + PAD
+    # tiny random weights: the red banner on top, then the white title strip
+    assert rgb.getpixel((8, 8)) == STAMP_RED
+    assert rgb.getpixel((8, stamp_height(rgb.width) + 4)) == (255, 255, 255)
 
 
 def user_error(capsys, argv: list[str]) -> str:

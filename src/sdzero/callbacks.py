@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 
 from sdzero.records import RecordWriter, read_records, write_bytes_atomic, write_json_atomic
+from sdzero.tasks.viz import stamp_random_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,12 @@ RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: this run used a backbone with random weights; its metrics are meaningless and "
     "must never be reported as results."
 )
+
+
+def uses_random_weights(pl_module: Any) -> bool:
+    """Whether a method ran on random weights (set by the method as it loads its backbone): the
+    one fact behind ``metrics.json``'s ``warning`` and the stamp on the run's pictures."""
+    return bool(getattr(pl_module, "random_weights", False))
 
 
 def predictions_dir(run_dir: str | Path | None) -> Path | None:
@@ -149,7 +156,7 @@ class TaskMetrics(SampleCallback):
             stats = pl_module.all_gather(stats.to(pl_module.device)).reshape(-1, 2).sum(0).cpu()
         seconds_per_sample = float(stats[0] / max(stats[1], 1.0))
         summary = summarise(task, computed, seconds_per_sample, trainer.datamodule)
-        if getattr(pl_module, "random_weights", False):
+        if uses_random_weights(pl_module):
             summary["warning"] = RANDOM_WEIGHTS_WARNING
         if "note" in summary and trainer.global_rank == 0:
             log.warning(summary["note"])
@@ -173,7 +180,7 @@ class TaskMetrics(SampleCallback):
         task.metric.reset()
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if getattr(pl_module, "random_weights", False):
+        if uses_random_weights(pl_module):
             log.warning(RANDOM_WEIGHTS_WARNING)
 
 
@@ -198,7 +205,8 @@ def summarise(task: Any, computed: dict[str, Any], seconds: float | None, datamo
 
 class Visuals(SampleCallback):
     """A PNG of each of the first ``count`` new samples of every rank in ``run_dir/visuals/``
-    (the task draws it), also logged to W&B."""
+    (the task draws it; stamped "RANDOM WEIGHTS" when :func:`uses_random_weights`), also logged
+    to W&B."""
 
     def __init__(self, run_dir: str | Path, count: int) -> None:
         self.folder = Path(run_dir) / "visuals"
@@ -213,6 +221,8 @@ class Visuals(SampleCallback):
         image = pl_module.task.visual(record, batch, outputs["prediction"])
         if image is None:
             return
+        if uses_random_weights(pl_module):
+            image = stamp_random_weights(image)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{portable(str(record['id']))}.png"
         image.save(path)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from sdzero.errors import InputError
+
+if TYPE_CHECKING:  # torch loads when a match runs, not when the command line is parsed
+    import torch
 
 
 def _point(text: str) -> tuple[float, float]:
@@ -19,23 +21,35 @@ def _point(text: str) -> tuple[float, float]:
     return x, y
 
 
+class Match(NamedTuple):
+    """``sdzero match``'s result: the ``(3, H, W)`` uint8 images, the predictions ``(N, 2)`` in
+    target pixels, and whether the method ran on random weights."""
+
+    src_img: torch.Tensor
+    trg_img: torch.Tensor
+    pred: torch.Tensor
+    random_weights: bool
+
+
 def match_images(
     src: str | Path, trg: str | Path, points: list[tuple[float, float]], overrides: list[str]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Match:
     """Match ``points`` ((x, y) pixels of the source file) into the target file.
 
     ``overrides`` are config items (``backbone=...``, ``method.steps=...``) on top of the default
-    backbone and method of ``configs/eval.yaml``. Returns ``(src_img, trg_img, pred (N, 2))`` with the
-    predictions in target pixels.
+    backbone and method of ``configs/eval.yaml``.
     """
-    from datamodules.files import load_rgb
     from sdzero.config import compose
-    from sdzero.correspondence.base import PairInfo, check_query_points
-    from sdzero.runs import build_method
 
     if not points:
         raise InputError("--points: give at least one query point, X,Y [X,Y ...]")
     cfg = compose(None, ["data=synthetic_correspondence", *overrides])
+    import torch
+
+    from datamodules.files import load_rgb
+    from sdzero.correspondence.base import PairInfo, check_query_points
+    from sdzero.runs import build_method
+
     module = build_method(cfg)
     # every input is checked before the model is loaded
     src_img, trg_img = load_rgb(src), load_rgb(trg)
@@ -45,19 +59,29 @@ def match_images(
     pred = module.predict_pair(
         src_img, trg_img, query, PairInfo(src_name=str(src), trg_name=str(trg))
     )
-    return src_img, trg_img, pred
+    return Match(src_img, trg_img, pred, bool(module.random_weights))
 
 
 def _run(args: argparse.Namespace) -> int:
     # `--points` is greedy: key=value items typed after it are config overrides, not points
     points = [_point(p) for p in args.points if "=" not in p]
     overrides = [*args.overrides, *(p for p in args.points if "=" in p)]
-    src_img, trg_img, pred = match_images(args.src, args.trg, points, overrides)
+    match = match_images(args.src, args.trg, points, overrides)
     if args.viz:
-        from sdzero.tasks.viz import draw_matches
+        import torch
 
-        draw_matches(src_img, trg_img, torch.tensor(points), pred).save(args.viz)
-    print(json.dumps([[round(x, 2), round(y, 2)] for x, y in pred.tolist()]))
+        from sdzero.records import write_bytes_atomic
+        from sdzero.tasks.match_viz import draw_matches
+        from sdzero.tasks.viz import png, stamp_random_weights
+
+        lines = [f"{args.src} -> {args.trg}", f"{len(points)} query points"]
+        picture = draw_matches(
+            match.src_img, match.trg_img, torch.tensor(points), match.pred, None, lines
+        )
+        if match.random_weights:
+            picture = stamp_random_weights(picture)
+        write_bytes_atomic(args.viz, png(picture))
+    print(json.dumps([[round(x, 2), round(y, 2)] for x, y in match.pred.tolist()]))
     return 0
 
 
@@ -66,6 +90,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="source image file")
     p.add_argument("trg", help="target image file")
     p.add_argument("--points", nargs="+", required=True, help="X,Y pixels of SRC")
-    p.add_argument("--viz", help="write a PNG with lines between matched points")
+    p.add_argument("--viz", help="write a PNG of the numbered query points and their predictions")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. backbone=tiny)")
     p.set_defaults(func=_run)

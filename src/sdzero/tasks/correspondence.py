@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdzero.metrics.pck import THRESHOLD_KINDS, threshold_size
+from sdzero.metrics.pck import THRESHOLD_KINDS, point_hits, threshold_size
 from sdzero.metrics.pck_breakdown import DIFFICULTY_LEVELS, LEVEL_NAMES, PCKBreakdown
 from sdzero.tasks.base import Task
 from sdzero.tasks.frames import ModelFrame
+from sdzero.tasks.match_viz import Outcome, draw_matches
 from sdzero.tasks.protocols import AVERAGES, get_protocol
 
 FRAMES = ("original", "resized")
@@ -222,13 +223,61 @@ class CorrespondenceTask(Task):
         alphas = [str(a) for a in self.scoring.alphas]
         return "0.1" if "0.1" in alphas else max(alphas, key=float)
 
-    def visual(self, record: dict[str, Any], batch: dict[str, Any], prediction: Any) -> Image.Image:
-        from sdzero.tasks.viz import draw_matches
+    def point_hits(self, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(labelled (N,), hits (A, N))`` bool: which points of a record have a ground truth
+        (a target row of NaN has none) and whether each prediction is correct at each alpha, by
+        the PCK rule the metric scores with (scoring frame, the record's ``threshold_size``;
+        False where unlabelled)."""
+        pred, target = self.scoring_points(record)
+        labelled = ~torch.isnan(target).any(dim=1)
+        hits = torch.zeros(len(self.scoring.alphas), len(target), dtype=torch.bool)
+        hits[:, labelled] = point_hits(
+            pred[labelled],
+            target[labelled],
+            record["threshold_size"],
+            self.scoring.alphas,
+            self.scoring.inclusive,
+        )
+        return labelled, hits
 
+    def outcome(self, record: dict[str, Any], batch: dict[str, Any]) -> Outcome:
+        """What the picture of a record shows: its ground truth and its hits at
+        :attr:`headline_alpha`, with the tolerance converted to original target pixels."""
+        alphas = [str(a) for a in self.scoring.alphas]
+        row = alphas.index(self.headline_alpha)
+        radius = self.scoring.alphas[row] * float(record["threshold_size"])
+        sx, sy = (
+            self._frame(record["trg_size"]).scale if self.scoring.frame == "resized" else (1, 1)
+        )
+        labelled, hits = self.point_hits(record)
+        return Outcome(
+            gt=torch.tensor(record["trg_kps"], dtype=torch.float32).reshape(-1, 2),
+            labelled=labelled,
+            hits=hits[row],
+            alpha=self.scoring.alphas[row],
+            tolerance=(radius / sx, radius / sy),
+        )
+
+    def visual(self, record: dict[str, Any], batch: dict[str, Any], prediction: Any) -> Image.Image:
+        """Source | target with numbered points, ground truth vs prediction, correct/wrong at
+        :attr:`headline_alpha` (:mod:`sdzero.tasks.match_viz`); the title gives the pair's PCK at
+        every alpha and the tolerance rule."""
+        (labelled, hits), outcome = self.point_hits(record), self.outcome(record, batch)
+        n = int(labelled.sum())
+        scores = " | ".join(
+            f"alpha {a:g}: {int(h.sum())}/{n}"
+            + (f" ({100 * float(h.sum()) / n:.0f}%)" if n else "")
+            for a, h in zip(self.scoring.alphas, hits, strict=True)
+        )
+        rule = "<=" if self.scoring.inclusive else "<"
+        lines = [
+            f"{record['id']}  ({record['category']})",
+            f"PCK of this pair: {scores}",
+            f"markers at alpha {outcome.alpha:g}: correct when the error {rule} {outcome.alpha:g} x "
+            f"{float(record['threshold_size']):.1f} px ({self.scoring.threshold}, measured in the "
+            f"{self.scoring.frame} frame)",
+        ]
+        pred = torch.tensor(record["pred_kps"], dtype=torch.float32).reshape(-1, 2)
         return draw_matches(
-            batch["src_img"],
-            batch["trg_img"],
-            batch["src_kps"],
-            torch.tensor(record["pred_kps"]),
-            batch["trg_kps"],
+            batch["src_img"], batch["trg_img"], batch["src_kps"], pred, outcome, lines
         )

@@ -7,7 +7,6 @@ written next to the records before the record itself, and read back when a run r
 
 from __future__ import annotations
 
-import colorsys
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 
 from sdzero.metrics.miou import MeanIoU
 from sdzero.tasks.base import Task
+from sdzero.tasks.label_viz import draw_segmentation
 
 
 def mask_path(sample_id: Any) -> str:
@@ -39,18 +39,6 @@ def read_mask(path: Path) -> torch.Tensor:
     """A mask PNG back as ``(H, W)`` int64."""
     with Image.open(path) as img:
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.int64))
-
-
-def colourise(labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    """``(H, W)`` labels -> ``(H, W, 3)`` uint8: class 0 black, others spread hues, the rest white."""
-    hues = [(c * 0.618034) % 1.0 for c in range(num_classes)]
-    palette = np.array([colorsys.hsv_to_rgb(h, 0.8, 0.9) for h in hues]) * 255
-    palette[0] = 0
-    values = labels.cpu().numpy()
-    out = np.full((*values.shape, 3), 255, dtype=np.uint8)
-    inside = (values >= 0) & (values < num_classes)
-    out[inside] = palette.astype(np.uint8)[values[inside]]
-    return out
 
 
 class SegmentationTask(Task):
@@ -114,9 +102,13 @@ class SegmentationTask(Task):
     def visual(
         self, record: dict[str, Any], batch: dict[str, Any], prediction: torch.Tensor
     ) -> Image.Image:
-        """Image | ground truth | prediction, classes in fixed colours (ignored pixels white)."""
-        image = batch["image"].permute(1, 2, 0).cpu().numpy()
-        panels = [image]
-        for labels in (batch["label"], prediction):
-            panels.append(colourise(labels, len(self.class_names)))
-        return Image.fromarray(np.concatenate(panels, axis=1))
+        """Image | ground truth | prediction, titled, with the image's IoU and a legend of the
+        classes present (:func:`~sdzero.tasks.label_viz.draw_segmentation`)."""
+        return draw_segmentation(
+            batch["image"],
+            batch["label"],
+            prediction,
+            self.class_names,
+            self.metric.ignore_index,
+            str(record["id"]),
+        )
