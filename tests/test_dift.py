@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sdzero.backbones.architectures import get_architecture, unet_topology
 from sdzero.backbones.sd import load_stable_diffusion
+from sdzero.backbones.sd_features import diffused_latents
 from sdzero.config import compose
 from sdzero.correspondence.base import PairInfo
 from sdzero.correspondence.dift import DIFT, DIFTSettings, copy_generator
@@ -82,6 +83,33 @@ def test_features_depend_on_the_image_name_not_on_batching(dift):
     other_seed = DIFT({}, seed=4, image_size=SIZE, ensemble_size=3)
     other_seed.sd = dift.sd
     assert rel(other_seed.features(pair[:1], ["a.jpg"], "cat")[0], together[0]) > 1e-3
+
+
+@torch.no_grad()
+def test_each_image_is_encoded_once_and_its_copies_sampled_from_that_posterior(dift):
+    """The exact speed-up: one VAE encode per image (the official code encodes every copy), and
+    the latents equal those of encoding the repeated images with the same streams."""
+    pair, names = images(2, seed=5), ["a.jpg", "b.jpg"]
+    batches = []
+    hook = dift.sd.vae.encoder.register_forward_hook(lambda m, i, out: batches.append(len(i[0])))
+    try:
+        dift.features(pair, names, "cat")
+    finally:
+        hook.remove()
+    assert batches == [2]  # 2 images x 3 copies: one encoder call on the 2 images
+
+    def streams():
+        return [copy_generator(3, name, k) for name in names for k in range(3)]
+
+    once = diffused_latents(dift.sd, pair, 261, generators=streams(), copies=3)
+    repeated = diffused_latents(
+        dift.sd, pair.repeat_interleave(3, dim=0), 261, generators=streams()
+    )
+    assert once.shape == (6, 4, SIZE // 8, SIZE // 8)
+    assert rel(once, repeated) < 1e-6
+    assert rel(once[0], once[1]) > 1e-2  # the copies' draws differ
+    with pytest.raises(ValueError, match="3 generators for 2 images x 3 copies"):
+        diffused_latents(dift.sd, pair, 261, generators=streams()[:3], copies=3)
 
 
 def brute_force(src_f, trg_f, points, src_hw, trg_hw) -> list[torch.Tensor]:

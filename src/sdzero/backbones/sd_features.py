@@ -30,25 +30,31 @@ def diffused_latents(
     *,
     generators: Sequence[torch.Generator] | None = None,
     noise_generators: Sequence[torch.Generator] | None = None,
+    copies: int = 1,
 ) -> torch.Tensor:
-    """``(B, 3, H, W)`` images in [0, 1] -> ``(B, 4, H/8, W/8)`` latents at ``timestep``.
+    """``(B, 3, H, W)`` images in [0, 1] -> ``(B * copies, 4, H/8, W/8)`` latents at
+    ``timestep`` (row ``b * copies + k``: copy ``k`` of image ``b``).
 
     The latent is a VAE posterior *sample* (times the scaling factor), forward-diffused as
     ``sqrt(abar_t) x + sqrt(1 - abar_t) eps`` with Gaussian ``eps``. ``generators``: one per
-    image for its posterior sample; ``noise_generators``: one per image for its noise, each a
+    row for its posterior sample; ``noise_generators``: one per row for its noise, each a
     ``(1, 4, h, w)`` draw in the VAE's dtype (as diffusers draws the sample); by default the
     same generators continue. Without generators both draws come from the global RNG
-    (``randn_like``, as DIFT's official code).
+    (``randn_like``, as DIFT's official code). ``copies``: each image is encoded once and its
+    posterior sampled per copy (:meth:`StableDiffusion.encode_images`), the same as passing
+    ``copies`` repeats of it (DIFT's ensemble) without the repeated VAE encodes.
     """
+    rows = len(images) * copies
+    what = f"{len(images)} images" + (f" x {copies} copies" if copies > 1 else "")
     gens = None if generators is None else list(generators)
-    if gens is not None and len(gens) != len(images):
-        raise ValueError(f"{len(gens)} generators for {len(images)} images")
-    latents = sd.encode_images(images, sample=True, generator=gens)
+    if gens is not None and len(gens) != rows:
+        raise ValueError(f"{len(gens)} generators for {what}")
+    latents = sd.encode_images(images, sample=True, generator=gens, copies=copies)
     noise_gens = gens if noise_generators is None else list(noise_generators)
     if noise_gens is None:
         return sd.add_noise(latents, timestep, torch.randn_like(latents))
-    if len(noise_gens) != len(images):
-        raise ValueError(f"{len(noise_gens)} noise generators for {len(images)} images")
+    if len(noise_gens) != rows:
+        raise ValueError(f"{len(noise_gens)} noise generators for {what}")
     shape, dtype = (1, *latents.shape[1:]), sd.vae.dtype
     noise = torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in noise_gens])
     return sd.add_noise(latents, timestep, noise)

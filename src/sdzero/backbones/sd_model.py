@@ -126,16 +126,25 @@ class StableDiffusion(nn.Module):
         images: torch.Tensor,
         *,
         sample: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        copies: int = 1,
     ) -> torch.Tensor:
-        """VAE latents ``(B, 4, H/8, W/8)`` of ``images`` ``(B, 3, H, W)`` in [0, 1].
+        """VAE latents ``(B * copies, 4, H/8, W/8)`` of ``images`` ``(B, 3, H, W)`` in [0, 1].
 
         The VAE encodes ``2x - 1``; the result is the posterior mean (Hedlin et al.) or, with
         ``sample=True``, a posterior sample (OVDiff), times ``vae.config.scaling_factor``.
+        ``copies``: rows ``b * copies + k`` are copy ``k`` of image ``b``; each image is encoded
+        once and its posterior repeated, which equals encoding ``copies`` repeats of it (the
+        encoder is deterministic) without the repeated encodes; ``generator`` (a list: one per
+        row) draws each copy's sample.
         """
         validate_images(images)
+        if copies < 1:
+            raise ValueError(f"copies must be >= 1, got {copies}")
         x = images.to(device=self.vae.device, dtype=self.vae.dtype) * 2 - 1
         posterior = self.vae.encode(x).latent_dist
+        if copies > 1:
+            posterior = type(posterior)(posterior.parameters.repeat_interleave(copies, dim=0))
         latents = posterior.sample(generator=generator) if sample else posterior.mean
         return latents * self.vae.config.scaling_factor
 
