@@ -21,7 +21,9 @@ from sdzero.records import write_bytes_atomic
 from sdzero.runs import build_method
 from sdzero.segmentation.explain import explain_pixel, render_explanation
 from sdzero.segmentation.module import OVDiffModule
+from sdzero.tasks.label_viz import draw_overlay
 from sdzero.tasks.segmentation import png_bytes
+from sdzero.tasks.viz import png, stamp_random_weights
 
 # The data group is unused here; the synthetic one is chosen because it needs no dataset path.
 BASE_OVERRIDES = ("backbone=sd15", "method=ovdiff", "data=synthetic_segmentation", "logger=none")
@@ -77,10 +79,13 @@ def segment_file(
     out: str | Path | None = None,
     explain: str | Path | None = None,
     pixel: tuple[int, int] | None = None,
+    overlay: str | Path | None = None,
 ) -> dict[str, Any]:
     """Segment the image file ``image`` into background + ``classes``.
 
     :param out: write the mask (single-channel PNG of label indices, the image's size) there.
+    :param overlay: write the prediction coloured over the image, with a legend, there
+        (:func:`~sdzero.tasks.label_viz.draw_overlay`; stamped when the weights are random).
     :param explain: write the explanation PNG of ``pixel`` ``(x, y)`` (original pixels) there.
     :returns: a JSON-able summary: classes, kept classes, pixel share per class, explanation.
     """
@@ -113,6 +118,12 @@ def segment_file(
     if out is not None:
         write_bytes_atomic(out, png_bytes(seg.labels))
         summary["mask"] = str(out)
+    if overlay is not None:
+        picture = draw_overlay(pixels, seg.labels, labels_names)
+        if module.random_weights:
+            picture = stamp_random_weights(picture)
+        write_bytes_atomic(overlay, png(picture))
+        summary["overlay"] = str(overlay)
     if explain is not None:
         explanation = explain_pixel(seg, *pixel, module.prototypes, labels_names)
         render_explanation(pixels, explanation, explain)

@@ -36,7 +36,7 @@ def _segment(args: argparse.Namespace) -> int:
             "--pixel X,Y names the pixel --explain OUT.png explains; give --explain too"
         )
     summary = segment_file(
-        args.image, args.classes, args.overrides, args.out, args.explain, args.pixel
+        args.image, args.classes, args.overrides, args.out, args.explain, args.pixel, args.overlay
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -57,7 +57,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("image", help="image file")
     p.add_argument("--classes", nargs="*", default=[], metavar="NAME", help="class names")
-    p.add_argument("--out", help="write the mask here (PNG of label indices; 0 = background)")
+    p.add_argument(
+        "--out", help="write the mask here (PNG of class indices, 0 = background; see --overlay)"
+    )
+    p.add_argument(
+        "--overlay", metavar="OUT.png", help="write the mask coloured over the image, with a legend"
+    )
     p.add_argument("--explain", metavar="OUT.png", help="write why --pixel got its label")
     p.add_argument("--pixel", type=_pixel, metavar="X,Y", help="pixel to explain (image pixels)")
     p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)

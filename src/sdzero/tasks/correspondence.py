@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdzero.metrics.pck import THRESHOLD_KINDS, point_hits, threshold_size
+from sdzero.metrics.pck import THRESHOLD_KINDS, labelled_rows, point_hits, threshold_size
 from sdzero.metrics.pck_breakdown import DIFFICULTY_LEVELS, LEVEL_NAMES, PCKBreakdown
 from sdzero.tasks.base import Task
 from sdzero.tasks.frames import ModelFrame
@@ -229,7 +229,7 @@ class CorrespondenceTask(Task):
         the PCK rule the metric scores with (scoring frame, the record's ``threshold_size``;
         False where unlabelled)."""
         pred, target = self.scoring_points(record)
-        labelled = ~torch.isnan(target).any(dim=1)
+        labelled = labelled_rows(target)
         hits = torch.zeros(len(self.scoring.alphas), len(target), dtype=torch.bool)
         hits[:, labelled] = point_hits(
             pred[labelled],
@@ -258,26 +258,30 @@ class CorrespondenceTask(Task):
             tolerance=(radius / sx, radius / sy),
         )
 
-    def visual(self, record: dict[str, Any], batch: dict[str, Any], prediction: Any) -> Image.Image:
-        """Source | target with numbered points, ground truth vs prediction, correct/wrong at
-        :attr:`headline_alpha` (:mod:`sdzero.tasks.match_viz`); the title gives the pair's PCK at
-        every alpha and the tolerance rule."""
-        (labelled, hits), outcome = self.point_hits(record), self.outcome(record, batch)
+    def visual_title(self, record: dict[str, Any]) -> list[str]:
+        """The title lines of a record's picture: pair id and category, the pair's PCK at every
+        alpha (over its points with ground truth), the rule the markers follow."""
+        labelled, hits = self.point_hits(record)
         n = int(labelled.sum())
         scores = " | ".join(
             f"alpha {a:g}: {int(h.sum())}/{n}"
             + (f" ({100 * float(h.sum()) / n:.0f}%)" if n else "")
             for a, h in zip(self.scoring.alphas, hits, strict=True)
         )
-        rule = "<=" if self.scoring.inclusive else "<"
-        lines = [
+        alpha, rule = self.headline_alpha, "<=" if self.scoring.inclusive else "<"
+        return [
             f"{record['id']}  ({record['category']})",
             f"PCK of this pair: {scores}",
-            f"markers at alpha {outcome.alpha:g}: correct when the error {rule} {outcome.alpha:g} x "
+            f"markers at alpha {alpha}: correct when the error {rule} {alpha} x "
             f"{float(record['threshold_size']):.1f} px ({self.scoring.threshold}, measured in the "
             f"{self.scoring.frame} frame)",
         ]
+
+    def visual(self, record: dict[str, Any], batch: dict[str, Any], prediction: Any) -> Image.Image:
+        """Source | target with numbered points, ground truth vs prediction, correct/wrong at
+        :attr:`headline_alpha` (:mod:`sdzero.tasks.match_viz`), titled by :meth:`visual_title`."""
         pred = torch.tensor(record["pred_kps"], dtype=torch.float32).reshape(-1, 2)
+        outcome, lines = self.outcome(record, batch), self.visual_title(record)
         return draw_matches(
             batch["src_img"], batch["trg_img"], batch["src_kps"], pred, outcome, lines
         )

@@ -147,23 +147,28 @@ def stack(parts: Sequence[Image.Image]) -> Image.Image:
     return canvas
 
 
+def stamp_lines(width: int) -> tuple[int, list[str]]:
+    """Font size and lines of the random-weights banner on a picture ``width`` pixels wide."""
+    size = int(min(48, max(18, width // 22)))
+    return size, wrap(RANDOM_WEIGHTS_STAMP, width - 2 * PAD, size)
+
+
 def stamp_height(width: int) -> int:
     """Height of the random-weights banner on a picture ``width`` pixels wide."""
-    return round(stamp_font_size(width) * 1.6)
-
-
-def stamp_font_size(width: int) -> int:
-    return int(min(48, max(18, width // 22)))
+    size, lines = stamp_lines(width)
+    return round(size * (0.4 + 1.2 * len(lines)))
 
 
 def stamp_random_weights(image: Image.Image) -> Image.Image:
-    """``image`` below a red banner saying :data:`RANDOM_WEIGHTS_STAMP` in large white letters,
-    and framed in red: a picture of a random-weight run cannot be mistaken for a result."""
-    size = stamp_font_size(image.width)
+    """``image`` below a red banner saying :data:`RANDOM_WEIGHTS_STAMP` in large white letters
+    (wrapped on narrow pictures), all framed in red: a picture of a random-weight run cannot be
+    mistaken for a result."""
+    size, lines = stamp_lines(image.width)
     banner = Image.new("RGB", (image.width, stamp_height(image.width)), STAMP_RED)
     draw = ImageDraw.Draw(banner)
-    left = max(PAD, (image.width - text_width(RANDOM_WEIGHTS_STAMP, size)) // 2)
-    draw.text((left, round(size * 0.25)), RANDOM_WEIGHTS_STAMP, fill="white", font=font(size))
+    for k, line in enumerate(lines):
+        left = max(PAD, (image.width - text_width(line, size)) // 2)
+        draw.text((left, round(size * (0.2 + 1.2 * k))), line, fill="white", font=font(size))
     out = stack([banner, image])
     ImageDraw.Draw(out).rectangle((0, 0, out.width - 1, out.height - 1), outline=STAMP_RED, width=4)
     return out
