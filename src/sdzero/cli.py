@@ -7,7 +7,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +26,25 @@ METHOD_CLIS = (
 
 
 def _eval(args: argparse.Namespace) -> int:
+    cfg = compose(args.experiment, args.overrides)  # config errors come before torch loads
     from sdzero.runs import run_eval
 
-    return _run_and_print(run_eval, args)
+    return _print_metrics(run_eval(cfg))
 
 
 def _train(args: argparse.Namespace) -> int:
+    cfg = compose(args.experiment, args.overrides)
     from sdzero.runs import run_train
 
-    return _run_and_print(run_train, args)
+    return _print_metrics(run_train(cfg))
 
 
-def _run_and_print(runner: Callable[[Any], dict[str, Any]], args: argparse.Namespace) -> int:
-    """Compose the experiment, run it, print the metrics table on rank 0."""
+def _print_metrics(metrics: dict[str, Any]) -> int:
+    """Print a run's metrics table on rank 0."""
     from lightning_fabric.utilities.rank_zero import rank_zero_only
 
     from sdzero.runs import format_metrics
 
-    metrics = runner(compose(args.experiment, args.overrides))
     if rank_zero_only.rank == 0:
         print(format_metrics(metrics))
     return 0
@@ -76,9 +77,7 @@ def _config(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import importlib.metadata as md
 
-    import torch
-
-    from sdzero.backbones.sd import describe_source
+    from sdzero.backbones.sources import describe_source
 
     print("versions:")
     for pkg in (
@@ -98,12 +97,6 @@ def _info(args: argparse.Namespace) -> int:
             print(f"  {pkg:18s} {md.version(pkg)}")
         except md.PackageNotFoundError:
             print(f"  {pkg:18s} not installed")
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    print("devices:")
-    print(f"  cpu threads        {torch.get_num_threads()}")
-    print(f"  cuda devices       {cuda}")
-    for i in range(cuda):
-        print(f"    cuda:{i}          {torch.cuda.get_device_name(i)}")
     print(f"configs: {config_dir()}")
     print("backbones (backbone=<name>):")
     for name in available("backbone"):
@@ -120,6 +113,15 @@ def _info(args: argparse.Namespace) -> int:
     print("experiments (sdzero eval <name>):")
     for name in available("experiment"):
         print(f"  {name}")
+    # last, and flushed first: torch's import (seconds) is all that is left to wait for
+    print("devices:", flush=True)
+    import torch
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"  cpu threads        {torch.get_num_threads()}")
+    print(f"  cuda devices       {cuda}")
+    for i in range(cuda):
+        print(f"    cuda:{i}          {torch.cuda.get_device_name(i)}")
     return 0
 
 

@@ -19,6 +19,7 @@ import difflib
 import importlib
 import inspect
 import os
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdzero.errors import ConfigError  # defined there so that every layer can raise it
+from sdzero.settings_source import SourceSchema, Unresolved, source_schema
 
 GROUPS = ("backbone", "method", "data", "trainer", "logger")
 
@@ -98,15 +100,30 @@ def settings_class(node: DictConfig | dict) -> type | None:
     return getattr(_import(str(target)), "settings_class", None) if target else None
 
 
+def _schema(node: DictConfig | dict) -> SourceSchema | None:
+    """The settings schema of a node's ``_target_``, read from the sources (nothing imported;
+    config errors come before torch loads), else from the imported settings dataclass."""
+    target = node.get("_target_")
+    if not target:
+        return None
+    try:
+        return source_schema(str(target))
+    except Unresolved:
+        cls = settings_class(node)
+        if cls is None:
+            return None
+        from sdzero.settings import settings_defaults
+
+        return SourceSchema(cls.__qualname__, settings_defaults(cls), typing.get_type_hints(cls))
+
+
 def _with_schema(node: DictConfig, source: str) -> DictConfig:
     """``node`` over the defaults of its target's settings dataclass, so the composed config holds
     every key (the YAML holds only what differs); a key that is not a setting is an error."""
-    cls = settings_class(node)
-    if cls is None:
+    schema = _schema(node)
+    if schema is None:
         return node
-    from sdzero.settings import settings_defaults
-
-    defaults = settings_defaults(cls)
+    defaults = schema.defaults
     for key in node:
         if key != "_target_" and key not in defaults:
             raise ConfigError(
@@ -233,6 +250,14 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
         )
     OmegaConf.resolve(cfg)
     OmegaConf.set_struct(cfg, True)
+    for group in GROUPS:  # value types first, from the sources: no method module loads for these
+        schema = _schema(cfg[group])
+        if schema is not None:
+            from sdzero.settings import coerce_values
+
+            values = OmegaConf.to_container(cfg[group], resolve=True)
+            values.pop("_target_")
+            coerce_values(list(schema.defaults), schema.hints, values, key=group)
     for group in GROUPS:  # settings are checked now, before any dataset file is read
         cls = settings_class(cfg[group])
         if cls is not None:

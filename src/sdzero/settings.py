@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from sdzero.config import ConfigError, _did_you_mean
@@ -80,19 +80,27 @@ def _coerce(value: Any, hint: Any) -> Any:
     return value
 
 
-def build_settings(cls: type[T], values: Mapping[str, Any], key: str = "method") -> T:
-    """``cls(**values)`` with unknown keys and wrong types reported as ``key.name`` errors."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+def coerce_values(
+    names: Sequence[str], hints: Mapping[str, Any], values: Mapping[str, Any], key: str = "method"
+) -> dict[str, Any]:
+    """``values`` as their fields' annotations (``hints``) want them; an unknown key or a wrong
+    type is a ``key.name`` error. A field of ``names`` without a hint takes its value as it is."""
     kwargs = {}
     for name, value in values.items():
         if name not in names:
-            hint = _did_you_mean(name, names, f"{key}.")
+            hint = _did_you_mean(name, list(names), f"{key}.")
             raise ConfigError(f"unknown config key {key}.{name}.{hint}")
-        got = _coerce(value, hints[name])
+        got = _coerce(value, hints[name]) if name in hints else value
         if got is _NO:
             raise ConfigError(f"{key}.{name} must be {_describe(hints[name])}, got {value!r}")
         kwargs[name] = got
+    return kwargs
+
+
+def build_settings(cls: type[T], values: Mapping[str, Any], key: str = "method") -> T:
+    """``cls(**values)`` with unknown keys and wrong types reported as ``key.name`` errors."""
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = coerce_values(names, typing.get_type_hints(cls), values, key)
     try:
         return cls(**kwargs)
     except ConfigError:

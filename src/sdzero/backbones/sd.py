@@ -11,8 +11,6 @@ The scheduler convention and the module itself: :mod:`sdzero.backbones.sd_model`
 from __future__ import annotations
 
 import logging
-import os
-import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,13 +31,19 @@ from sdzero.backbones.architectures import (
     unet_topology,
 )
 from sdzero.backbones.errors import WeightsFormatError, WeightsNotFoundError
-from sdzero.backbones.sd_checkpoint import SINGLE_FILE_SUFFIXES, single_file_parts
+from sdzero.backbones.sd_checkpoint import single_file_parts
 from sdzero.backbones.sd_model import (
     NoiseKind,
     StableDiffusion,
     ddim_scheduler,
     sample_noise,
     validate_images,
+)
+from sdzero.backbones.sources import (
+    SINGLE_FILE_SUFFIXES,
+    classify_weights,
+    describe_source,
+    hub_offline,
 )
 from sdzero.errors import ConfigError
 
@@ -58,7 +62,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _T = TypeVar("_T")
 
 
@@ -78,7 +81,7 @@ def load_stable_diffusion(
     (seeded with ``seed``; loud warning). With ``arch`` given, hub/folder weights must have its
     UNet topology. The text encoder and tokenizer are loaded only with ``text_encoder=True``.
     """
-    kind, location = _classify(weights)
+    kind, location = classify_weights(weights)
     spec = get_architecture(arch) if arch is not None else None
     dtype = as_dtype(dtype)
     if kind == "missing":
@@ -108,51 +111,6 @@ def load_stable_diffusion(
         source = location
     model = StableDiffusion(**parts, arch=arch, source=source, random_weights=kind == "random")
     return model.to(device=device, dtype=dtype)
-
-
-def describe_source(weights: str | None, arch: str | None) -> str:
-    """One line saying where :func:`load_stable_diffusion` would load from; loads nothing."""
-    kind, location = _classify(weights)
-    name = get_architecture(arch).name if arch is not None else "unspecified"
-    if kind == "random":
-        return f"random weights, architecture {name} (metrics are meaningless)"
-    if kind == "file":
-        return f"single-file checkpoint {location} (architecture {name})"
-    if kind == "folder":
-        return f"local diffusers folder {location}"
-    if kind == "missing":
-        return f"{weights}: no such file or folder (and not a hub id)"
-    snapshot = _cached_snapshot(location)
-    if snapshot is not None:
-        return f"hub id {location}, cached at {snapshot}"
-    from huggingface_hub import constants
-
-    if _hub_offline():
-        return (
-            f"hub id {location}, NOT in the cache {constants.HF_HUB_CACHE} (offline: download it)"
-        )
-    return (
-        f"hub id {location}, not yet in the cache {constants.HF_HUB_CACHE}; downloads on first use"
-    )
-
-
-def _classify(weights: str | None) -> tuple[str, str]:
-    """('random' | 'file' | 'folder' | 'hub' | 'missing', location) for a ``weights`` value."""
-    if weights is None:
-        return "random", ""
-    if not isinstance(weights, str | os.PathLike) or not str(weights).strip():
-        raise ConfigError(
-            f"backbone weights must be a hub id, a folder, a checkpoint file or None; got {weights!r}"
-        )
-    path = Path(weights).expanduser()
-    if path.is_file():
-        return "file", str(path.resolve())
-    if path.is_dir():
-        return "folder", str(path.resolve())
-    text = str(weights)
-    if _HUB_ID.match(text) and not text.endswith(SINGLE_FILE_SUFFIXES):
-        return "hub", text
-    return "missing", text
 
 
 def as_dtype(dtype: torch.dtype | str, key: str = "dtype") -> torch.dtype:
@@ -202,21 +160,6 @@ def _random_parts(spec: Architecture, text_encoder: bool, seed: int) -> dict[str
     return parts
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    # Read the variable now as well: it may be set after huggingface_hub was imported.
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-    return bool(constants.HF_HUB_OFFLINE) or env
-
-
-def _cached_snapshot(repo_id: str) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "unet/config.json")
-    return str(Path(found).parent.parent) if isinstance(found, str) else None
-
-
 def _pretrained_parts(source: str, text_encoder: bool, *, hub: bool) -> dict[str, Any]:
     """Components from a diffusers layout: a local folder or a hub id (cache or download)."""
     subfolders = ["unet", "vae", "scheduler"] + (
@@ -230,7 +173,7 @@ def _pretrained_parts(source: str, text_encoder: bool, *, hub: bool) -> dict[str
                 f"the subfolders {subfolders} (as written by `hf download <id> --local-dir DIR` or "
                 "StableDiffusionPipeline.save_pretrained)"
             )
-    offline = not hub or _hub_offline()
+    offline = not hub or hub_offline()
     kw = {"local_files_only": offline}
     try:
         check_unet_config(UNet2DConditionModel.load_config(source, subfolder="unet", **kw), source)

@@ -17,9 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from sdzero.backbones.architectures import SCHEDULER_CONFIG, Architecture
 from sdzero.backbones.errors import WeightsFormatError
 from sdzero.backbones.sd_model import ddim_scheduler
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-
+from sdzero.backbones.sources import SINGLE_FILE_SUFFIXES
 
 # Keys an LDM/CompVis single file must hold: the first cross-attention's key projection (its input
 # width is the text dimension) and the VAE encoder's first convolution.
