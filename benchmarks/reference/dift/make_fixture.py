@@ -36,14 +36,17 @@ IMG_SIZE, ENSEMBLE = 256, 8
 KIND = "transform"
 
 
-def draws_for(names: list[str], latent: int) -> dict[str, torch.Tensor]:
-    """``{name}.posterior`` / ``{name}.noise``: ``(ENSEMBLE, 4, latent, latent)`` per image."""
+def draws_for(
+    names: list[str], latent: int, ensemble: int = ENSEMBLE, seed: int = SEED
+) -> dict[str, torch.Tensor]:
+    """``{name}.posterior`` / ``{name}.noise``: ``(ensemble, 4, latent, latent)`` per image, the
+    draws sdzero's ``dift`` makes for the image in a run seeded ``seed``."""
     out = {}
     shape = (1, 4, latent, latent)
     for name in names:
         posterior, noise = [], []
-        for k in range(ENSEMBLE):
-            g = copy_generator(SEED, name, k)
+        for k in range(ensemble):
+            g = copy_generator(seed, name, k)
             posterior.append(torch.randn(shape, generator=g))
             noise.append(torch.randn(shape, generator=g))
         out[f"{name}.posterior"] = torch.cat(posterior)
