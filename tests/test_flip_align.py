@@ -15,7 +15,10 @@ from sdzero.correspondence.base import PairInfo
 from sdzero.correspondence.fit_config import FitConfig
 from sdzero.correspondence.fitting import PromptCorrespondence
 from sdzero.correspondence.matching import FeatureMatching, FeatureSettings
+from sdzero.correspondence.mirror_keypoints import mirrored_queries, partner_map
 from sdzero.correspondence.refine import (
+    box_mask,
+    mirror_box,
     mirror_x,
     mutual_nn_distance,
     nn_distance,
@@ -126,6 +129,91 @@ def test_mirror_x_and_orientation_scores_equal_reference_values():
     assert nn_distance(a, a) == pytest.approx(0.0, abs=1e-3)
 
 
+def official_masked_distance(a, b, mask_a, mask_b, grid):
+    """``get_distance`` written out: unit descriptors resized bilinearly to ``grid`` (not
+    renormalised), multiplied by the masks, every exact 0 set to -100000 (masked-out target
+    cells lie far from everything), and for each source cell in its mask the distance to the
+    nearest target cell, averaged."""
+
+    def prep(x, m):
+        x = F.normalize(x, dim=0)[None]
+        x = F.interpolate(x, size=(grid, grid), mode="bilinear", align_corners=False)[0]
+        x = x * m.float()
+        x[x == 0] = -100000.0
+        return x.flatten(1).T
+
+    pa, pb = prep(a, mask_a), prep(b, mask_b)
+    rows = [
+        torch.linalg.norm(pb - pa[i], dim=1).min() for i in range(len(pa)) if mask_a.flatten()[i]
+    ]
+    return float(torch.stack(rows).mean())
+
+
+def test_masked_nn_distance_equals_the_official_computation():
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn((6, 5, 5), generator=gen), torch.randn((6, 5, 5), generator=gen)
+    box_a, box_b = (8.0, 4.0, 30.0, 20.0), (0.0, 10.0, 40.0, 40.0)
+    mask_a, mask_b = box_mask(box_a, (7, 7), 40), box_mask(box_b, (7, 7), 40)
+    got = nn_distance(a, b, mask_a, mask_b, grid=7)
+    assert got == pytest.approx(official_masked_distance(a, b, mask_a, mask_b, 7), rel=1e-5)
+    # masks matter: the whole grid gives another distance
+    assert nn_distance(a, b, grid=7) != pytest.approx(got, rel=1e-3)
+
+
+def test_box_masks_hold_the_cells_whose_centres_lie_in_the_box():
+    # a 4 x 4 grid over 40 px: centres 5, 15, 25, 35
+    mask = box_mask((10.0, 0.0, 25.0, 15.0), (4, 4), 40)
+    want = torch.zeros(4, 4, dtype=torch.bool)
+    want[0:2, 1:3] = True
+    assert torch.equal(mask, want)
+    assert box_mask(None, (3, 2), 40).all() and box_mask((1.0, 1.0, 2.0, 2.0), (4, 4), 40).all()
+    assert mirror_box((10.0, 2.0, 25.0, 15.0), 40) == (15.0, 2.0, 30.0, 15.0)
+
+
+def test_mirrored_queries_swap_partners_and_gate_on_the_partner():
+    points = torch.tensor([[1.0, 5.0], [2.0, 6.0], [3.0, 7.0], [4.0, 8.0], [9.0, 9.0]])
+    partners = partner_map("spair", "cat")  # cat: 0-1, 2-3, 4-5, 6-7, 9-10, 11-12; 8 on the axis
+    assert partners[1] == 0 and 8 not in partners
+    # ids 0 and 1 are partners, 8 has none, 4's partner 5 is not in the pair; a grid point last
+    queries, takes = mirrored_queries(points, 10.0, [0, 1, 8, 4], partners)
+    assert queries.tolist() == [[8.0, 6.0], [9.0, 5.0], [7.0, 7.0], [6.0, 8.0], [1.0, 9.0]]
+    assert takes.tolist() == [True, True, True, False, True]
+    plain, every = mirrored_queries(points, 10.0, None, partner_map("none", "cat"))
+    assert torch.equal(plain, mirror_x(points, 10.0)) and every.all()
+    with pytest.raises(ValueError, match="keypoint ids"):
+        mirrored_queries(points[:2], 10.0, [0, 1, 8], partners)
+
+
+def test_the_flip_score_reads_the_boxes_in_the_model_frame_the_source_box_mirrored():
+    method = ColourPosition(flip_align=True, flip_mask="box")
+    seen = []
+
+    def record(src_desc, trg_desc, src_box, trg_box):
+        seen.append((src_box, trg_box))
+        return 1.0
+
+    method.orientation_distance = record
+    src = torch.zeros(3, 32, 16, dtype=torch.uint8)  # h 32, w 16: stretched x4 across, x2 down
+    trg = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    pair = PairInfo(src_bbox=(2.0, 4.0, 6.0, 20.0), trg_bbox=(10.0, 11.0, 30.0, 40.0))
+    method.predict_pair(src, trg, torch.tensor([[3.0, 5.0]]), pair)
+    target = (10.0, 11.0, 30.0, 40.0)
+    assert seen == [((40.0, 8.0, 56.0, 40.0), target), ((8.0, 8.0, 24.0, 40.0), target)]
+
+
+def test_pair_info_reads_boxes_and_keypoint_ids_from_a_sample():
+    sample = {
+        "index": 3,
+        "category": "cat",
+        "src_bbox": torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        "trg_bbox": torch.full((4,), float("nan")),
+        "extra": {"kps_ids": [4, 0]},
+    }
+    pair = PairInfo.of(sample)
+    assert (pair.src_bbox, pair.trg_bbox, pair.kps_ids) == ((1.0, 2.0, 3.0, 4.0), None, (4, 0))
+    assert PairInfo.of({"index": 0, "category": ""}).kps_ids is None
+
+
 def reference_soft_argmax(scores, h, w, window, temperature):
     """The official rule written out per query: zero outside the clipped window around the
     argmax, softmax over all cells with the temperature, expected cell centre."""
@@ -192,6 +280,11 @@ def test_soft_argmax_matching_reports_the_expected_cell_centre_in_pixels():
         ({"soft_argmax_window": -1}, "method.soft_argmax_window"),
         ({"soft_argmax_window": 1.5}, "method.soft_argmax_window"),
         ({"soft_argmax_temperature": 0.0}, "method.soft_argmax_temperature"),
+        ({"flip_mask": "sam"}, "method.flip_mask"),
+        ({"flip_keypoints": "pascal"}, "method.flip_keypoints"),
+        ({"flip_grid": -1}, "method.flip_grid"),
+        ({"flip_score": "mutual_nn", "flip_mask": "box"}, "method.flip_score=mutual_nn"),
+        ({"flip_score": "mutual_nn", "flip_grid": 64}, "method.flip_score=mutual_nn"),
     ],
 )
 def test_settings_errors_name_the_key(settings, key):

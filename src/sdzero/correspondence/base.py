@@ -25,22 +25,38 @@ from sdzero.tasks.frames import ModelFrame
 @dataclass(frozen=True)
 class PairInfo:
     """What a method may know about a pair besides its pixels: the dataset index (keys per-pair
-    random streams), the category (class prompts) and the images' names (per-image caches and
-    streams)."""
+    random streams), the category (class prompts), the images' names (per-image caches and
+    streams), and the annotations GeoAware-SC's pose alignment reads: the object boxes
+    ``(x1, y1, x2, y2)`` in ORIGINAL pixels of each image (None: none annotated) and the query
+    points' keypoint ids (SPair-71k's ``kps_ids``; None: the dataset has none)."""
 
     index: int = 0
     category: str = ""
     src_name: str = "source"
     trg_name: str = "target"
+    src_bbox: tuple[float, ...] | None = None
+    trg_bbox: tuple[float, ...] | None = None
+    kps_ids: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, batch: dict[str, Any]) -> PairInfo:
-        """The pair of a benchmark sample."""
+        """The pair of a benchmark sample (a NaN box counts as none)."""
+
+        def box(key: str) -> tuple[float, ...] | None:
+            value = batch.get(key)
+            if value is None or not torch.isfinite(torch.as_tensor(value)).all():
+                return None
+            return tuple(float(v) for v in value)
+
+        ids = dict(batch.get("extra") or {}).get("kps_ids")
         return cls(
             int(batch["index"]),
             str(batch["category"]),
             str(batch.get("src_name", "source")),
             str(batch.get("trg_name", "target")),
+            box("src_bbox"),
+            box("trg_bbox"),
+            None if ids is None else tuple(int(i) for i in ids),
         )
 
 

@@ -9,31 +9,47 @@ settings have ``match_resolution=image`` matches instead as DIFT's official code
 (:func:`nearest_pixels`): both maps upsampled to their original images' pixel grids, the argmax
 pixel.
 
+A method whose descriptor of an image depends on the pair (SD+DINO's co-PCA) overrides
+:meth:`FeatureMatching.pair_descriptors`; one whose source point reads its cell rather than a
+bilinear sample overrides :meth:`FeatureMatching.query_descriptors`. The matching rules below then
+serve every method.
+
 GeoAware-SC's test-time options (:mod:`sdzero.correspondence.refine`): ``method.flip_align``
-matches the left-right mirrored source too and keeps the orientation whose features agree
-better with the target's; ``method.soft_argmax_window`` replaces the argmax cell by the window
-soft-argmax (cell matching only).
+matches the left-right mirrored source too and keeps the orientation whose descriptors agree
+better with the target's (``method.flip_score``, ``flip_mask``, ``flip_grid``; the mirrored
+source's keypoint ids by ``method.flip_keypoints``, :mod:`sdzero.correspondence.mirror_keypoints`);
+``method.soft_argmax_window`` replaces the argmax cell by the window soft-argmax (cell matching
+only).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from sdzero.backbones.feature_cache import MethodFeatureCache
-from sdzero.correspondence.base import (
-    CorrespondenceModule,
-    PairInfo,
-    ScoringSettings,
-    check_query_points,
+from sdzero.correspondence.base import CorrespondenceModule, PairInfo, check_query_points
+from sdzero.correspondence.feature_settings import FeatureSettings
+from sdzero.correspondence.mirror_keypoints import (
+    SPAIR_MIRROR_PARTNERS,
+    mirrored_queries,
+    partner_map,
 )
-from sdzero.correspondence.refine import FLIP_SCORES, mirror_x, window_soft_argmax
-from sdzero.errors import ConfigError
+from sdzero.correspondence.refine import (
+    box_mask,
+    mirror_box,
+    mutual_nn_distance,
+    nn_distance,
+    window_soft_argmax,
+)
+from sdzero.errors import ConfigError, InputError
+from sdzero.tasks.correspondence import CorrespondenceTask
 
 log = logging.getLogger(__name__)
 
@@ -70,34 +86,6 @@ def cell_of(points: torch.Tensor, grid_hw: tuple[int, int], size: int) -> torch.
     return rows * w + cols
 
 
-def nearest_neighbours(
-    src_features: torch.Tensor, trg_features: torch.Tensor, points: torch.Tensor, size: int
-) -> torch.Tensor:
-    """Matches ``(N, 2)`` (target cell centres, model-frame pixels) of source ``points``
-    ``(N, 2)``, from ``(C, h, w)`` source and target features."""
-    scores = similarity(sample_descriptors(src_features, points, size), trg_features)
-    return cell_centres(scores.argmax(dim=1), tuple(trg_features.shape[-2:]), size)
-
-
-# method.match_resolution: cell (nearest_neighbours) | image (nearest_pixels)
-MATCH_RESOLUTIONS = ("cell", "image")
-
-
-def check_match_resolution(value: str, resize: str) -> None:
-    """:class:`ConfigError` naming ``method.match_resolution`` unless ``value`` is one of
-    ``MATCH_RESOLUTIONS``; ``image`` needs ``method.resize=stretch`` (the features must cover the
-    whole image to be upsampled onto it)."""
-    if value not in MATCH_RESOLUTIONS:
-        raise ConfigError(
-            f"method.match_resolution must be one of {list(MATCH_RESOLUTIONS)}, got {value!r}"
-        )
-    if value == "image" and resize != "stretch":
-        raise ConfigError(
-            f"method.match_resolution=image needs method.resize=stretch, got {resize!r} "
-            "(letterboxed features do not cover the image); use match_resolution=cell"
-        )
-
-
 def nearest_pixels(
     src_features: torch.Tensor,
     trg_features: torch.Tensor,
@@ -124,67 +112,9 @@ def nearest_pixels(
     return torch.stack([best % trg_hw[1], best // trg_hw[1]], dim=1).float()
 
 
-@dataclass(frozen=True)
-class FeatureSettings(ScoringSettings):
-    """The ``method.*`` keys every feature-matching method has (beside the scoring keys).
-
-    ``feature_cache``: a folder where each image's features are stored once computed and read
-    back by later pairs, ranks and runs (:class:`~sdzero.backbones.feature_cache.MethodFeatureCache`
-    says what the key holds); it may be shared by runs of any method, backbone and settings.
-    ``feature_cache_gb``: its size bound in GB (10^9 bytes); the least recently used entries go
-    first.
-
-    ``flip_align``, ``flip_score``, ``soft_argmax_window``, ``soft_argmax_temperature``:
-    GeoAware-SC's test-time pose alignment and window soft-argmax
-    (:mod:`sdzero.correspondence.refine`); off by default. ``match_resolution``: the matching
-    rule, :func:`nearest_neighbours` (``cell``) or :func:`nearest_pixels` (``image``).
-    """
-
-    feature_cache: str | None = None  # folder of the on-disk per-image feature cache; null: off
-    feature_cache_gb: float = 20.0  # size bound of that folder (least recently used evicted first)
-    flip_align: bool = False  # also match the mirrored source; keep the better-agreeing orientation
-    flip_score: str = "nn_distance"  # orientation score: nn_distance (official) | mutual_nn
-    soft_argmax_window: int = 0  # window half-size in cells (official 5: 11 x 11); 0: argmax
-    soft_argmax_temperature: float = 0.02  # softmax temperature on cosine similarity (official)
-    match_resolution: str = "cell"  # cell: nearest feature cell | image: nearest pixel (DIFT)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.feature_cache is not None and not self.feature_cache.strip():
-            raise ConfigError("method.feature_cache must be a folder or null (off), got ''")
-        if not self.feature_cache_gb > 0:
-            raise ConfigError(f"method.feature_cache_gb must be > 0, got {self.feature_cache_gb}")
-        if self.feature_cache is not None and Path(self.feature_cache).is_file():
-            raise ConfigError(
-                f"method.feature_cache={self.feature_cache!r} is a file; expected a folder"
-            )
-        if self.flip_score not in FLIP_SCORES:
-            raise ConfigError(
-                f"method.flip_score must be one of {list(FLIP_SCORES)}, got {self.flip_score!r}"
-            )
-        if isinstance(self.soft_argmax_window, bool) or not (
-            isinstance(self.soft_argmax_window, int) and self.soft_argmax_window >= 0
-        ):
-            raise ConfigError(
-                f"method.soft_argmax_window must be an integer >= 0 (0: off), "
-                f"got {self.soft_argmax_window!r}"
-            )
-        if not self.soft_argmax_temperature > 0:
-            raise ConfigError(
-                f"method.soft_argmax_temperature must be > 0, got {self.soft_argmax_temperature}"
-            )
-        check_match_resolution(self.match_resolution, self.resize)
-        if self.soft_argmax_window and self.match_resolution != "cell":
-            raise ConfigError(
-                f"method.soft_argmax_window={self.soft_argmax_window} needs "
-                f"method.match_resolution=cell, got {self.match_resolution!r} (the window "
-                "soft-argmax runs on the feature grid, as GeoAware-SC's)"
-            )
-
-
 class FeatureMatching(CorrespondenceModule):
     """A correspondence method that only defines :meth:`features`; matching is
-    :func:`nearest_neighbours` of the two images' features (one extraction per image)."""
+    :meth:`match_grid` of the two images' descriptors (one extraction per image)."""
 
     def features(self, images: torch.Tensor, names: Sequence[str], category: str) -> torch.Tensor:
         """``(B, 3, S, S)`` [0, 1] model-frame images -> ``(B, C, h, w)`` descriptors; ``names``
@@ -248,19 +178,70 @@ class FeatureMatching(CorrespondenceModule):
             )
         super().setup(stage)
 
+    def make_task(self, datamodule: Any) -> CorrespondenceTask:
+        """The base's task; with ``method.flip_keypoints=spair`` every category of the
+        datamodule must have a row in the SPair-71k partner table."""
+        task = super().make_task(datamodule)
+        s = self.settings
+        if s.flip_align and s.flip_keypoints != "none":
+            missing = sorted(set(datamodule.category_names) - set(SPAIR_MIRROR_PARTNERS))
+            if missing:
+                raise ConfigError(
+                    f"method.flip_keypoints={s.flip_keypoints} has left/right keypoint partners "
+                    f"for SPair-71k's categories only, not {missing}; use flip_keypoints=none"
+                )
+        return task
+
+    def pair_descriptors(
+        self, src_features: torch.Tensor, trg_features: torch.Tensor, src_name: str, trg_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(C, h, w)`` descriptors matched for a pair, from the two images'
+        :meth:`image_features` (named ``src_name``, ``trg_name``): here the features as they
+        are; a method whose descriptors depend on the pair overrides this."""
+        return src_features, trg_features
+
+    def query_descriptors(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """``(N, C)`` descriptors of source ``points`` ``(N, 2)`` (model pixels) on a
+        ``(C, h, w)`` grid: :func:`sample_descriptors` (bilinear)."""
+        return sample_descriptors(features, points, self.settings.image_size)
+
     def match_grid(
-        self, src_features: torch.Tensor, trg_features: torch.Tensor, points: torch.Tensor
+        self, src_desc: torch.Tensor, trg_desc: torch.Tensor, points: torch.Tensor
     ) -> torch.Tensor:
         """Model-frame matches ``(N, 2)`` of source ``points`` ``(N, 2)`` from ``(C, h, w)``
-        grids: :func:`nearest_neighbours`, or with ``method.soft_argmax_window`` the window
-        soft-argmax of the same similarities, in model pixels."""
+        descriptors: the centre of the target cell of highest cosine similarity with the
+        :meth:`query_descriptors`, or with ``method.soft_argmax_window`` the window soft-argmax
+        of the same similarities, in model pixels."""
         s = self.settings
+        grid = tuple(trg_desc.shape[-2:])
+        scores = similarity(self.query_descriptors(src_desc, points), trg_desc)
         if not s.soft_argmax_window:
-            return nearest_neighbours(src_features, trg_features, points, s.image_size)
-        grid = tuple(trg_features.shape[-2:])
-        scores = similarity(sample_descriptors(src_features, points, s.image_size), trg_features)
+            return cell_centres(scores.argmax(dim=1), grid, s.image_size)
         cells = window_soft_argmax(scores, grid, s.soft_argmax_window, s.soft_argmax_temperature)
         return cells * torch.tensor([s.image_size / grid[1], s.image_size / grid[0]]).to(cells)
+
+    def orientation_distance(
+        self,
+        src_desc: torch.Tensor,
+        trg_desc: torch.Tensor,
+        src_box: tuple[float, ...] | None,
+        trg_box: tuple[float, ...] | None,
+    ) -> float:
+        """How far apart a pair's ``(C, h, w)`` descriptors lie (``method.flip_score``); with
+        ``method.flip_mask=box``, :func:`~sdzero.correspondence.refine.nn_distance` reads the
+        cells inside each image's box (model pixels; None: every cell) on its score grid."""
+        s = self.settings
+        if s.flip_score == "mutual_nn":
+            return mutual_nn_distance(src_desc, trg_desc)
+        masks = [None, None]
+        if s.flip_mask == "box":
+            masks = [
+                box_mask(
+                    box, (s.flip_grid,) * 2 if s.flip_grid else tuple(d.shape[-2:]), s.image_size
+                )
+                for box, d in ((src_box, src_desc), (trg_box, trg_desc))
+            ]
+        return nn_distance(src_desc, trg_desc, *masks, grid=s.flip_grid)
 
     def flip_aligned(
         self,
@@ -270,31 +251,56 @@ class FeatureMatching(CorrespondenceModule):
         pair: PairInfo,
         mirror_extent: float,
         match_features: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        boxes: tuple[tuple[float, ...] | None, tuple[float, ...] | None] = (None, None),
     ) -> torch.Tensor:
-        """``match_features(src_features, trg_features, points)`` on the pair's ``(1, 3, S, S)``
-        images; with ``method.flip_align``, GeoAware-SC's pose alignment: the source mirrored
-        left-right (features cached under ``src_name + "#flip"``) is matched instead, with
-        :func:`~sdzero.correspondence.refine.mirror_x` points (``x -> mirror_extent - x``),
-        when its ``method.flip_score`` with the target is strictly lower. The choice is
-        recorded in ``self.flips`` (pairs flipped, pairs seen)."""
+        """``match_features(src_desc, trg_desc, points)`` on the :meth:`pair_descriptors` of the
+        pair's ``(1, 3, S, S)`` images; with ``method.flip_align``, GeoAware-SC's pose alignment:
+        the source mirrored left-right (features cached under ``src_name + "#flip"``, paired with
+        the target as its own pair) gives the matches when its :meth:`orientation_distance` to
+        the target is strictly lower, for the queries of
+        :func:`~sdzero.correspondence.mirror_keypoints.mirrored_queries` (``x -> mirror_extent -
+        x``; ``method.flip_keypoints``). ``boxes``: the source's and target's object boxes in
+        model pixels (``method.flip_mask=box``). The choice is recorded in ``self.flips``
+        (pairs flipped, pairs seen)."""
+        s = self.settings
         src_feats = self.image_features(src, pair.src_name, pair.category)
         trg_feats = self.image_features(trg, pair.trg_name, pair.category)
         points = points.to(src_feats.device)
-        if not self.settings.flip_align:
-            return match_features(src_feats, trg_feats, points)
-        mirrored = self.image_features(src.flip(-1), pair.src_name + "#flip", pair.category)
-        score = FLIP_SCORES[self.settings.flip_score]
-        flipped = score(mirrored, trg_feats) < score(src_feats, trg_feats)
+        src_desc, trg_desc = self.pair_descriptors(
+            src_feats, trg_feats, pair.src_name, pair.trg_name
+        )
+        pred = match_features(src_desc, trg_desc, points)
+        if not s.flip_align:
+            return pred
+        if s.flip_keypoints != "none" and pair.kps_ids is None:
+            raise InputError(
+                f"method.flip_keypoints={s.flip_keypoints} needs the pair's keypoint ids "
+                "(SPair-71k's kps_ids); this pair has none"
+            )
+        name = pair.src_name + "#flip"
+        mirrored = self.image_features(src.flip(-1), name, pair.category)
+        mir_desc, mir_trg_desc = self.pair_descriptors(mirrored, trg_feats, name, pair.trg_name)
+        src_box, trg_box = boxes
+        mir_box = mirror_box(src_box, s.image_size)
+        flipped = self.orientation_distance(
+            mir_desc, mir_trg_desc, mir_box, trg_box
+        ) < self.orientation_distance(src_desc, trg_desc, src_box, trg_box)
         done, seen = getattr(self, "flips", (0, 0))
         self.flips = (done + int(flipped), seen + 1)
-        if flipped:
-            return match_features(mirrored, trg_feats, mirror_x(points, mirror_extent))
-        return match_features(src_feats, trg_feats, points)
+        if not flipped:
+            return pred
+        partners = partner_map(s.flip_keypoints, pair.category)
+        queries, takes = mirrored_queries(points, mirror_extent, pair.kps_ids, partners)
+        mirrored_pred = match_features(mir_desc, mir_trg_desc, queries)
+        return torch.where(takes[:, None].to(pred.device), mirrored_pred, pred)
 
     @torch.no_grad()
     def match(
         self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, pair: PairInfo
     ) -> torch.Tensor:
+        """Model-frame :meth:`match_grid` through :meth:`flip_aligned`. Model-frame images carry
+        no boxes: ``method.flip_mask=box`` reads them in :meth:`predict_pair`, which maps the
+        pair's boxes into the frame."""
         size = self.settings.image_size
         return self.flip_aligned(src, trg, points, pair, size, self.match_grid)
 
@@ -305,22 +311,38 @@ class FeatureMatching(CorrespondenceModule):
         src_kps: torch.Tensor,
         pair: PairInfo | None = None,
     ) -> torch.Tensor:
-        """As :meth:`CorrespondenceModule.predict_pair` (original pixels in and out). With
-        ``method.match_resolution=image`` the match is :func:`nearest_pixels` on the original images' pixel grids instead of
-        :meth:`match` in the model frame (with ``method.flip_align``, the mirrored source's
-        points are ``x -> W - 1 - x``, pixel indices)."""
-        if self.settings.match_resolution == "cell":
-            return super().predict_pair(src_img, trg_img, src_kps, pair)
+        """As :meth:`CorrespondenceModule.predict_pair` (original pixels in and out), through
+        :meth:`flip_aligned` with the pair's boxes in the model frame: :meth:`match_grid` in the
+        model frame, or with ``method.match_resolution=image`` :func:`nearest_pixels` on the
+        original images' pixel grids (with ``method.flip_align``, the mirrored source's points
+        are then ``x -> W - 1 - x``, pixel indices)."""
         pair = pair or PairInfo()
         src_frame, trg_frame = self.frame(src_img), self.frame(trg_img)
         check_query_points(src_kps, src_frame.w, src_frame.h)
+        boxes = (_model_box(src_frame, pair.src_bbox), _model_box(trg_frame, pair.trg_bbox))
         src_hw, trg_hw = (src_frame.h, src_frame.w), (trg_frame.h, trg_frame.w)
 
-        def match_pixels(src_feats: torch.Tensor, trg_feats: torch.Tensor, points: torch.Tensor):
-            return nearest_pixels(src_feats, trg_feats, points.float(), src_hw, trg_hw)
+        def match_pixels(src_desc: torch.Tensor, trg_desc: torch.Tensor, points: torch.Tensor):
+            return nearest_pixels(src_desc, trg_desc, points.float(), src_hw, trg_hw)
 
         with torch.no_grad():
             src = src_frame.image(src_img).to(self.device)
             trg = trg_frame.image(trg_img).to(self.device)
-            pred = self.flip_aligned(src, trg, src_kps, pair, src_frame.w - 1, match_pixels)
-        return pred.cpu()
+            if self.settings.match_resolution == "image":
+                pred = self.flip_aligned(
+                    src, trg, src_kps, pair, src_frame.w - 1, match_pixels, boxes
+                )
+                return pred.cpu()
+            points = src_frame.to_model(src_kps.float())
+            size = self.settings.image_size
+            pred = self.flip_aligned(src, trg, points, pair, size, self.match_grid, boxes)
+        return trg_frame.to_original(pred.cpu())
+
+
+def _model_box(frame: Any, box: tuple[float, ...] | None) -> tuple[float, ...] | None:
+    """An ``(x1, y1, x2, y2)`` box of original pixels in ``frame``'s model pixels."""
+    if box is None:
+        return None
+    return tuple(
+        frame.to_model(torch.tensor(box, dtype=torch.float32).view(2, 2)).flatten().tolist()
+    )
