@@ -141,10 +141,11 @@ def official_fusion(sd1, sd2, dino1, dino2, dims, weights, sd_w, dino_w):
     return fused
 
 
-def test_fused_pair_equals_the_official_pipeline(method):
+def test_pair_descriptors_equal_the_official_pipeline(method):
     x = images()
-    parts = [unpack(f) for f in method.features(x, ["a", "b"], "cat")]
-    got = method.fused_pair(parts[0], parts[1], PairInfo(0, "cat", "a", "b"))
+    packed = method.features(x, ["a", "b"], "cat")
+    parts = [unpack(f) for f in packed]
+    got = method.pair_descriptors(packed[0], packed[1], "a", "b")
     sd_layers = [official_sd_layers(method.sd, x[i]) for i in (0, 1)]
     dino = [official_dino(method.dino.model, x[i]) for i in (0, 1)]
     for raw, want in zip(parts, [*sd_layers], strict=True):
@@ -187,23 +188,25 @@ def test_pack_round_trip():
     assert len(back) == 2 and all(torch.equal(p, q) for p, q in zip(parts, back, strict=True))
 
 
-def test_match_reads_the_source_patch_and_reports_the_official_centre(monkeypatch):
+@pytest.mark.parametrize("offset", [-0.5, 0.0])
+def test_match_reads_the_source_patch_and_reports_the_official_centre(monkeypatch, offset):
     """One-hot position descriptors; the target's are the source's shifted by (+2, -1) cells, so
-    every match is known. The source point reads the patch holding it (not a bilinear sample)."""
-    method = SDDINO(BACKBONE, **TINY)
+    every match is known. The source point reads the patch holding it (not a bilinear sample);
+    the match is reported at the patch centre moved by patch_offset DINO pixels (sd-dino's -0.5:
+    14 j + 6.5; GeoAware-SC's 0: 14 j + 7)."""
+    method = SDDINO(BACKBONE, **{**TINY, "patch_offset": offset})
     g = 8
     eye = torch.eye(g * g).view(g * g, g, g)
     shifted = torch.roll(eye, shifts=(-1, 2), dims=(1, 2))  # target cell (i-1, j+2) = source (i, j)
     monkeypatch.setattr(method, "image_features", lambda image, name, category: image)
-    monkeypatch.setattr(method, "fused_pair", lambda s, t, pair: (eye, shifted))
-    monkeypatch.setattr("sdzero.correspondence.sd_dino.unpack", lambda x: x)
+    monkeypatch.setattr(method, "pair_descriptors", lambda s, t, a, b: (eye, shifted))
     points = torch.tensor([[16.0 * 3 + 15.9, 16.0 * 5], [16.0 * 1 + 0.1, 16.0 * 2 + 8]])
-    got = method.match(None, None, points, PairInfo())
-    cell, half_dino_px = 16.0, 0.5 * 128 / 112
+    got = method.match(torch.zeros(1), torch.zeros(1), points, PairInfo())
+    cell, dino_px = 16.0, 128 / 112
     want = torch.tensor(
         [[(3 + 2 + 0.5) * cell, (5 - 1 + 0.5) * cell], [(1 + 2 + 0.5) * cell, 1.5 * cell]]
     )
-    assert torch.allclose(got, want - half_dino_px)
+    assert torch.allclose(got, want + offset * dino_px)
 
 
 def official_canvas(image_u8, size):
@@ -298,6 +301,7 @@ def test_output_block_input_is_what_output_block_reads(method):
         ("dino_size", 10),
         ("dino_facet", "query"),
         ("window_batch", -1),
+        ("fusion", "pca"),
     ],
 )
 def test_settings_errors_name_the_key(key, value):

@@ -1,6 +1,9 @@
 """SD+DINO's descriptor of an image pair (Zhang et al., NeurIPS 2023, github Junyi42/sd-dino):
 co-PCA of each Stable Diffusion layer over the pair, the layers fused coarse to fine, and the SD
-and DINO parts each L2-normalised, weighted and concatenated.
+and DINO parts each L2-normalised, weighted and concatenated (``method.fusion=co_pca``).
+GeoAware-SC's zero-shot descriptor (github Junyi42/GeoAware-SC, ``pck_train.py`` with
+``--DUMMY_NET``) keeps the raw layers instead, each resized once to the finest grid
+(:func:`stack_layers`, ``method.fusion=concat``), then the same normalised concatenation.
 
 Every map here is ``(C, h, w)`` on one image's feature grid, rows first (cell ``(i, j)`` is row
 ``i``, column ``j``); a pair's two maps have the same grid.
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 PCA_SOLVERS = ("lowrank", "svd")  # lowrank: torch.pca_lowrank (official) | svd: exact
+FUSIONS = ("co_pca", "concat")  # method.fusion: SD+DINO's per-pair co-PCA | GeoAware's raw layers
 
 
 @contextmanager
@@ -77,6 +81,20 @@ def fuse_layers(maps: Sequence[torch.Tensor], weights: Sequence[float]) -> torch
         [torch.full((m.shape[0],), float(k)) for m, k in zip(maps, weights, strict=True)]
     )
     return fused[0] * scale.to(fused).view(-1, 1, 1)
+
+
+def stack_layers(maps: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``(sum C_i, h, w)``: the raw SD layer maps ``maps`` (coarse to fine) as GeoAware-SC stacks
+    them: finest first, each coarser map resized bilinearly (``align_corners=False``) straight to
+    the finest grid, ``maps[i]`` times ``weights[i]`` (GeoAware has no layer weights: 1 each)."""
+    if len(maps) != len(weights):
+        raise ValueError(f"{len(weights)} layer weights for {len(maps)} layers")
+    size = maps[-1].shape[-2:]
+    grown = [
+        F.interpolate(m[None], size=size, mode="bilinear", align_corners=False)[0] * float(k)
+        for m, k in zip(maps, weights, strict=True)
+    ]
+    return torch.cat(grown[::-1], dim=0)
 
 
 def fuse_descriptors(

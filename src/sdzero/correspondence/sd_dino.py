@@ -11,9 +11,20 @@ weight 1 (:mod:`fusion`). A source point reads the descriptor of the patch holdi
 is the target patch of highest similarity, reported at that patch's centre pixel in the official
 convention (``14 j + 6.5`` DINO pixels: half a DINO pixel left/up of the patch centre).
 
-Why :meth:`SDDINO.match` is overridden: co-PCA mixes the two images, so no descriptor is per
-image. :meth:`SDDINO.features` returns the per-image raw parts (the SD layer maps and the DINO
-tokens, packed), which go through the feature cache; co-PCA and matching run per pair.
+Co-PCA mixes the two images, so no descriptor is per image: :meth:`SDDINO.features` returns the
+per-image raw parts (the SD layer maps and the DINO tokens, packed), which go through the feature
+cache, and :meth:`SDDINO.pair_descriptors` fuses them per pair. Matching is the feature methods'
+(:class:`~sdzero.correspondence.matching.FeatureMatching`) with the source patch's own descriptor
+(:meth:`SDDINO.query_descriptors`) and the reported point moved by ``method.patch_offset``.
+
+GeoAware-SC's zero-shot setting (Zhang et al., CVPR 2024; github Junyi42/GeoAware-SC,
+``configs/eval_zero_shot_spair.yaml``, ``preprocess_map.py``, ``pck_train.py``) runs on the same
+parts with ``method.timestep=50`` and ``method.fusion=concat`` (no PCA: the raw 640 + 1280 + 1280
+SD channels and the 768 DINO channels, see :mod:`fusion`), reports the patch centre
+(``patch_offset=0``: ``14 j + 7``) and adds its test-time pose alignment and window soft-argmax
+(``method.flip_align`` and the others, :mod:`sdzero.correspondence.refine`): the mirrored source
+is fused with the target as its own pair (with co-PCA: its own projection of the two).
+``experiment=geoaware_zs`` holds those values.
 
 Stated differences from the official code:
 
@@ -43,23 +54,18 @@ import torch
 import torch.nn.functional as F
 
 from sdzero.backbones.vit_features import FACETS, build_vit_extractor
-from sdzero.correspondence.base import PairInfo
 from sdzero.correspondence.centred_frame import CentredFrame
 from sdzero.correspondence.fusion import (
+    FUSIONS,
     PCA_SOLVERS,
     co_pca,
     fuse_descriptors,
     fuse_layers,
     pack,
+    stack_layers,
     unpack,
 )
-from sdzero.correspondence.matching import (
-    FeatureMatching,
-    FeatureSettings,
-    cell_centres,
-    cell_of,
-    similarity,
-)
+from sdzero.correspondence.matching import FeatureMatching, FeatureSettings, cell_of
 from sdzero.correspondence.sd_windows import windowed_features
 from sdzero.errors import ConfigError
 from sdzero.evaluation import SmokeTest
@@ -83,6 +89,7 @@ class SDDINOSettings(FeatureSettings):
     sd_window: int = 512  # side of ODISE's sliding UNet windows (its backbone_in_size)
     timestep: int = 100  # t of the noised latents (--TIMESTEP)
     unet_blocks: tuple[int, ...] = (2, 5, 8)  # LDM output blocks read, coarse to fine (--INDICES)
+    fusion: str = "co_pca"  # co_pca: per-pair co-PCA (official) | concat: raw layers (GeoAware-SC)
     pca_dims: tuple[int, ...] = (256, 256, 256)  # co-PCA dimensions per read block (--PCA_DIMS)
     pca_solver: str = "lowrank"  # lowrank: torch.pca_lowrank (official) | svd: exact
     layer_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # --WEIGHT[0:3], see fusion.fuse_layers
@@ -96,6 +103,7 @@ class SDDINOSettings(FeatureSettings):
     dino_block: int = -1  # block read (official layer 11 of ViT-S/B, 23 of L, 39 of g: the last)
     dino_facet: str = "token"  # token: the block's output tokens (official) | key
     window_batch: int = 0  # SD windows per UNet call (0: all of an image's); speed only
+    patch_offset: float = -0.5  # DINO px added to a matched patch's centre (official 14 j + 6.5)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -123,6 +131,8 @@ class SDDINOSettings(FeatureSettings):
                 )
         if any(d < 1 for d in self.pca_dims):
             raise ConfigError(f"method.pca_dims must be >= 1, got {list(self.pca_dims)}")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"method.fusion must be one of {list(FUSIONS)}, got {self.fusion!r}")
         if self.pca_solver not in PCA_SOLVERS:
             raise ConfigError(
                 f"method.pca_solver must be one of {list(PCA_SOLVERS)}, got {self.pca_solver!r}"
@@ -164,6 +174,8 @@ class SDDINO(FeatureMatching):
     settings_class = SDDINOSettings
     # the per-image parts do not depend on these (co-PCA and fusion run per pair)
     non_feature_keys = (
+        "fusion",
+        "patch_offset",
         "pca_dims",
         "pca_solver",
         "layer_weights",
@@ -171,8 +183,17 @@ class SDDINO(FeatureMatching):
         "dino_weight",
         "window_batch",
     )
+    # the contract runs GeoAware's test-time options on mirrored pairs (the flipped branch)
     smoke_test = SmokeTest(
-        "demo_sd_dino", ("data.num_pairs=3",), batching=(("method.window_batch=1",),)
+        "demo_sd_dino",
+        (
+            "data.num_pairs=3",
+            "data.kind=mirror",
+            "method.flip_align=true",
+            "method.flip_mask=box",
+            "method.soft_argmax_window=2",
+        ),
+        batching=(("method.window_batch=1",),),
     )
 
     def __init__(self, backbone: dict[str, Any], seed: int = 0, **settings: Any) -> None:
@@ -235,35 +256,42 @@ class SDDINO(FeatureMatching):
             packed.append(pack([*sd_maps, dino[b].float()]))
         return torch.stack(packed)
 
-    def fused_pair(
-        self, src_parts: list[torch.Tensor], trg_parts: list[torch.Tensor], pair: PairInfo
+    def pair_descriptors(
+        self, src_features: torch.Tensor, trg_features: torch.Tensor, src_name: str, trg_name: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pair's fused descriptors ``(C, g, g)`` each from the two images' raw parts."""
+        """The pair's fused descriptors ``(C, g, g)`` each, from the two images' packed raw parts
+        (:meth:`features`): ``method.fusion=co_pca`` projects each SD layer of the two on their
+        pooled principal axes (draws seeded by :func:`pca_seed` of the two names) and folds the
+        layers; ``concat`` stacks each image's raw layers on its own."""
         s = self.settings
-        reduced = [
-            co_pca(
-                a, b, dim, s.pca_solver, pca_seed(self.seed, pair.src_name, pair.trg_name, layer)
-            )
-            for layer, (a, b, dim) in enumerate(
-                zip(src_parts[:-1], trg_parts[:-1], s.pca_dims, strict=True)
-            )
-        ]
-        out = []
-        for side, dino in enumerate((src_parts[-1], trg_parts[-1])):
-            sd = fuse_layers([r[side] for r in reduced], s.layer_weights)
-            out.append(fuse_descriptors(sd, dino, s.sd_weight, s.dino_weight))
-        return out[0], out[1]
+        src_parts, trg_parts = unpack(src_features), unpack(trg_features)
+        if s.fusion == "concat":
+            sd = [stack_layers(parts[:-1], s.layer_weights) for parts in (src_parts, trg_parts)]
+        else:
+            reduced = [
+                co_pca(a, b, dim, s.pca_solver, pca_seed(self.seed, src_name, trg_name, layer))
+                for layer, (a, b, dim) in enumerate(
+                    zip(src_parts[:-1], trg_parts[:-1], s.pca_dims, strict=True)
+                )
+            ]
+            sd = [fuse_layers([r[side] for r in reduced], s.layer_weights) for side in (0, 1)]
+        src_desc, trg_desc = (
+            fuse_descriptors(part, parts[-1], s.sd_weight, s.dino_weight)
+            for part, parts in zip(sd, (src_parts, trg_parts), strict=True)
+        )
+        return src_desc, trg_desc
 
-    @torch.no_grad()
-    def match(
-        self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, pair: PairInfo
+    def query_descriptors(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """``(N, C)``: the descriptor of the patch holding each source point (model pixels), as
+        both official codes index it (``kpts_to_patch_idx``), not a bilinear sample."""
+        cells = cell_of(points, tuple(features.shape[-2:]), self.settings.image_size)
+        return features.flatten(1)[:, cells].T
+
+    def match_grid(
+        self, src_desc: torch.Tensor, trg_desc: torch.Tensor, points: torch.Tensor
     ) -> torch.Tensor:
-        """Target points ``(N, 2)`` (model pixels) of source ``points`` ``(N, 2)``: the source
-        patch's descriptor against every target patch, the best one's official centre pixel."""
-        src_parts = unpack(self.image_features(src, pair.src_name, pair.category))
-        trg_parts = unpack(self.image_features(trg, pair.trg_name, pair.category))
-        src_desc, trg_desc = self.fused_pair(src_parts, trg_parts, pair)
-        size, grid = self.settings.image_size, tuple(trg_desc.shape[-2:])
-        cells = cell_of(points.to(src_desc.device), grid, size)
-        best = similarity(src_desc.flatten(1)[:, cells].T, trg_desc).argmax(dim=1)
-        return cell_centres(best, grid, size) - 0.5 * size / self.settings.dino_size
+        """The feature methods' match (argmax patch centre, or window soft-argmax) moved by
+        ``method.patch_offset`` DINO pixels on both axes (model pixels out)."""
+        s = self.settings
+        shift = s.patch_offset * s.image_size / s.dino_size
+        return super().match_grid(src_desc, trg_desc, points) + shift
