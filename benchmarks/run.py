@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.common import gpu_peak, measured_peak_flops
 
-MODULES = ("bench_correspondence", "bench_segmentation", "bench_kmeans")
+MODULES = ("bench_correspondence", "bench_segmentation", "bench_kmeans", "bench_dift")
 MARK = "SDZERO-BENCH-ROWS "
 
 
