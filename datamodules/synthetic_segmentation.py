@@ -269,14 +269,18 @@ class SyntheticVOCDataset(VOCDataset):
 
     names = ("synthetic-voc", "synthetic-voc-20")
 
-    def __init__(self, root: str | Path, classes: int | Sequence[str] = 3) -> None:
-        super().__init__(root, background=True, labels=synthetic_labels(classes))
+    def __init__(
+        self, root: str | Path, classes: int | Sequence[str] = 3, background: bool = True
+    ) -> None:
+        super().__init__(root, background=background, labels=synthetic_labels(classes))
 
 
 class SyntheticSegmentationDataModule(SegmentationDataModule):
     """Writes the synthetic dataset on first ``setup`` and reads it with the VOC loader.
 
     :param root: where to write it; ``None`` = a fresh temporary folder (one per datamodule).
+    :param background: keep class 0 (VOC21-like) or ignore it and shift the classes down
+        (``reduce_zero_label``, VOC20-like); the files written are the same either way.
     Other parameters: see :func:`write_synthetic_voc`.
     """
 
@@ -290,8 +294,10 @@ class SyntheticSegmentationDataModule(SegmentationDataModule):
         num_support: int = 4,
         limit: int | None = None,
         num_workers: int = 0,
+        background: bool = True,
     ) -> None:
         super().__init__(root, limit, num_workers)
+        self.background = background
         synthetic_classes(classes)
         _check_sizes(num_images, image_size, num_support)
         self.num_images = num_images
@@ -303,7 +309,7 @@ class SyntheticSegmentationDataModule(SegmentationDataModule):
 
     @property
     def labels(self) -> LabelSpace:
-        return synthetic_labels(self.classes)
+        return VOCDataset.label_space(self.background, synthetic_labels(self.classes))
 
     @property
     def data_root(self) -> Path:
@@ -321,4 +327,4 @@ class SyntheticSegmentationDataModule(SegmentationDataModule):
         return self.data_root / "support"
 
     def build_dataset(self) -> SyntheticVOCDataset:
-        return SyntheticVOCDataset(self.data_root, self.classes)
+        return SyntheticVOCDataset(self.data_root, self.classes, self.background)
