@@ -44,6 +44,7 @@ from sdzero.correspondence.early_stop import EarlyStop
 from sdzero.correspondence.fit_config import AUTOCAST, FitConfig
 from sdzero.correspondence.latent_cache import Box, LatentCache
 from sdzero.correspondence.refine import mirror_x
+from sdzero.progress import Progress, progress
 from sdzero.seeding import keyed_generator
 
 
@@ -80,6 +81,7 @@ class PromptCorrespondence:
         self.cond_shape = (77, int(sd.unet.config.cross_attention_dim))
         self.steps_taken: torch.Tensor | None = None  # (B,) optimisation steps of the last fit
         self._cap: AttentionCapture | None = None
+        self._progress: Progress | None = None  # the running match's report, if any
 
     @property
     def device(self) -> torch.device:
@@ -255,8 +257,25 @@ class PromptCorrespondence:
                         keep[items] = False
                         cond[keep] = frozen[keep]
                 stopper.update(items, loss)
+                self._advance(len(items))
         self.steps_taken = stopper.steps
+        self._advance(b * self.cfg.steps - int(stopper.steps.sum()))  # steps early stopping saved
         return cond.detach()
+
+    @contextlib.contextmanager
+    def _reporting(self, desc: str, total: int) -> Iterator[Progress]:
+        """Report while the block runs: each item's optimisation step and inference crop is a
+        unit (:meth:`optimise` and :meth:`infer` advance it)."""
+        with progress(desc, total, "steps") as report:
+            self._progress = report
+            try:
+                yield report
+            finally:
+                self._progress = None
+
+    def _advance(self, units: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(units)
 
     # ---------------------------------------------------------------------------- inference
     def infer(
@@ -297,6 +316,7 @@ class PromptCorrespondence:
                 for i, (x0, y0, size) in enumerate(boxes):
                     total[i, :, y0 : y0 + size, x0 : x0 + size] += maps[i]
                     count[i, :, y0 : y0 + size, x0 : x0 + size] += 1
+                self._advance(b)
         return total / count.clamp_min(1)
 
     @staticmethod
@@ -349,18 +369,23 @@ class PromptCorrespondence:
         mirrored_latents = self.latent_cache(mirrored) if flip else None
         maps, mirrored_maps = [], []
         steps = []
-        for start in range(0, len(items), chunk):
-            part = items[start : start + chunk]
-            gens = [item_generator(seed, index, p, j) for p, j in part]
-            pts = points[[p for p, _ in part]].float()
-            groups = [p for p, _ in part]
-            cond = self.optimise(source, pts, gens, groups=groups, latents=src_latents)
-            steps.append(self.steps_taken)
-            states = [g.get_state() for g in gens]
-            maps.append(self.infer(target, cond, gens, latents=trg_latents))
-            if flip:
-                twins = [torch.Generator().set_state(state) for state in states]
-                mirrored_maps.append(self.infer(mirrored, cond, twins, latents=mirrored_latents))
+        passes = self.cfg.steps + self.cfg.inference_crops * (2 if flip else 1)
+        with self._reporting(f"match {n} points x {e} restarts", len(items) * passes) as report:
+            for start in range(0, len(items), chunk):
+                part = items[start : start + chunk]
+                gens = [item_generator(seed, index, p, j) for p, j in part]
+                pts = points[[p for p, _ in part]].float()
+                groups = [p for p, _ in part]
+                cond = self.optimise(source, pts, gens, groups=groups, latents=src_latents)
+                steps.append(self.steps_taken)
+                states = [g.get_state() for g in gens]
+                maps.append(self.infer(target, cond, gens, latents=trg_latents))
+                if flip:
+                    twins = [torch.Generator().set_state(state) for state in states]
+                    mirrored_maps.append(
+                        self.infer(mirrored, cond, twins, latents=mirrored_latents)
+                    )
+                report.note(f"{(start + len(part)) // e}/{n} points fitted")
         self.steps_taken = torch.cat(steps)
         stacked = torch.cat(maps).reshape(n, e, *maps[0].shape[1:])
         self.target_flipped = False

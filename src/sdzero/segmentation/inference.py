@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from sdzero.progress import Progress, progress
 from sdzero.segmentation.features import FeatureExtractor
 from sdzero.segmentation.filters import keep_background
 from sdzero.segmentation.pamr import pamr
@@ -325,12 +326,18 @@ class Segmenter:
         windows = sliding_windows(height, width, self.window_sizes, self.stride)
         acc = ScoreAccumulator(self.num_classes, height, width, self.device)
         pairs = []
-        for index, (extractor, bank) in enumerate(zip(self.extractors, self.banks, strict=True)):
-            maps = self._window_maps(extractor, bank, pixels, windows, kept, image_index)
-            for window, (values, owner, proto) in zip(windows, maps, strict=True):
-                acc.add(window, values)
-                if explain:
-                    pairs.append(PairScores(window, index, values, owner, proto))
+        units = len(windows) * len(self.extractors)
+        with progress(f"segment: {len(windows)} windows", units, "windows") as report:
+            for index, (extractor, bank) in enumerate(
+                zip(self.extractors, self.banks, strict=True)
+            ):
+                maps = self._window_maps(
+                    extractor, bank, pixels, windows, kept, image_index, report
+                )
+                for window, (values, owner, proto) in zip(windows, maps, strict=True):
+                    acc.add(window, values)
+                    if explain:
+                        pairs.append(PairScores(window, index, values, owner, proto))
         scores = acc.mean()
         if self.use_pamr:
             scores = pamr(work.to(self.device).float()[None], scores[None])[0]
@@ -353,6 +360,7 @@ class Segmenter:
         windows: Sequence[Window],
         kept: Sequence[int],
         image_index: int,
+        report: Progress,
     ) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per window of ``pixels`` ``(3, H, W)`` in [0, 1], in ``windows`` order: its
         :meth:`_channels` maps ``(K, gh, gw)``. Each window is prepared alone; those whose prepared
@@ -373,6 +381,7 @@ class Segmenter:
                 values, owner, proto = self._channels(bank.score(features, kept), kept)
                 for b, (i, _) in enumerate(chunk):
                     maps[i] = (values[b], owner[b], proto[b])
+                report.advance(len(chunk))
         return [maps[i] for i in range(len(windows))]
 
     def _channels(self, s: BankScores, kept: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from sdzero.progress import Progress, progress
 from sdzero.records import write_bytes_atomic
 from sdzero.segmentation.features import FeatureExtractor
 from sdzero.segmentation.kmeans import kmeans
@@ -342,41 +343,50 @@ def build_prototypes(
             for i, image in enumerate(support.images)
         ]
         fg, bg = (torch.stack([m[j] for m in masks]) for j in (0, 1))
-        built = {}
-        for extractor_name in missing:
-            extractor = by_name[extractor_name]
-            features = torch.cat(
-                [
-                    extractor(support.images[s : s + batch_size].to(extractor.device))
-                    for s in range(0, len(support.images), batch_size)
-                ]
-            )
-            built[extractor_name] = prototypes_from_features(
-                features,
-                fg,
-                bg,
-                class_name=name,
-                extractor=extractor_name,
-                support=support.paths or None,
-                kmeans_k=kmeans_k,
-                kmeans_seed=kmeans_seed,
-                kmeans_sample=kmeans_sample,
-            )
+        built, images = {}, support.images
+        desc = f"features of {name!r} ({len(images)} support images x {len(missing)} extractors)"
+        with progress(desc, len(images) * len(missing), "images") as report:
+            for extractor_name in missing:  # one extractor's features in memory at a time
+                built[extractor_name] = prototypes_from_features(
+                    _extract(by_name[extractor_name], images, batch_size, report),
+                    fg,
+                    bg,
+                    class_name=name,
+                    extractor=extractor_name,
+                    support=support.paths or None,
+                    kmeans_k=kmeans_k,
+                    kmeans_seed=kmeans_seed,
+                    kmeans_sample=kmeans_sample,
+                )
         return built
 
     result = {}
-    for name in names:
-        common = {
-            "format": FORMAT,
-            "support": support_source.settings(name),
-            "masks": {"kind": mask_proposer, **options},
-            "kmeans_k": kmeans_k,
-            "kmeans_seed": kmeans_seed,
-            "kmeans_sample": kmeans_sample,
-        }
-        settings = {e: {**common, "extractor": by_name[e].settings} for e in by_name}
-        if cache is None:
-            result[name] = build(name, list(by_name))
-        else:
-            result[name] = cache.get_or_build(name, lambda m, n=name: build(n, m), settings)
+    with progress(f"prototypes of {len(names)} classes", len(names), "classes") as report:
+        for name in names:
+            report.note(name)
+            common = {
+                "format": FORMAT,
+                "support": support_source.settings(name),
+                "masks": {"kind": mask_proposer, **options},
+                "kmeans_k": kmeans_k,
+                "kmeans_seed": kmeans_seed,
+                "kmeans_sample": kmeans_sample,
+            }
+            settings = {e: {**common, "extractor": by_name[e].settings} for e in by_name}
+            if cache is None:
+                result[name] = build(name, list(by_name))
+            else:
+                result[name] = cache.get_or_build(name, lambda m, n=name: build(n, m), settings)
+            report.advance()
     return result
+
+
+def _extract(
+    extractor: FeatureExtractor, images: torch.Tensor, batch_size: int, report: Progress
+) -> torch.Tensor:
+    """``extractor``'s features of ``images`` ``(N, 3, H, W)``, ``batch_size`` at a time."""
+    parts = []
+    for start in range(0, len(images), batch_size):
+        parts.append(extractor(images[start : start + batch_size].to(extractor.device)))
+        report.advance(len(parts[-1]))
+    return torch.cat(parts)

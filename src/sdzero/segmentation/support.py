@@ -31,6 +31,7 @@ from PIL import Image
 from sdzero.backbones.attention import AttentionCapture, cross_attention_layers
 from sdzero.backbones.sd import StableDiffusion
 from sdzero.errors import MissingFileError
+from sdzero.progress import progress
 from sdzero.records import write_bytes_atomic, write_json_atomic
 from sdzero.segmentation.settings import OVDIFF
 
@@ -182,23 +183,32 @@ def sample_support_set(
     ]
     layers = cross_attention_layers(sd.unet)
     images, maps = [], []
-    for start in range(0, num_support, batch_size):
-        n = min(batch_size, num_support - start)
-        acc = AttributionAccumulator(tokens, grid, cfg=guidance_scale > 1)
-        # The pipeline runs the UNet itself; the capture's callback sees every layer and step.
-        with AttentionCapture(sd.unet, layers, truncate=False, callback=acc):
-            out = pipe(
-                prompt=[prompt_template.format(name)] * n,
-                negative_prompt=[negative_prompt] * n,
-                height=size,
-                width=size,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                latents=torch.cat(initial[start : start + n]),
-                output_type="pt",
-            )
-        images.append(out.images.float().cpu())
-        maps.append(acc.maps().cpu())
+    desc = f"support images of {name!r} ({num_support} x {steps} steps)"
+    with progress(desc, num_support * steps, "steps") as report:
+
+        def step_done(pipe: Any, step: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            report.advance(len(tensors["latents"]))  # one denoising step of each batch image
+            return tensors
+
+        for start in range(0, num_support, batch_size):
+            n = min(batch_size, num_support - start)
+            acc = AttributionAccumulator(tokens, grid, cfg=guidance_scale > 1)
+            # The pipeline runs the UNet itself; the capture's callback sees every layer and step.
+            with AttentionCapture(sd.unet, layers, truncate=False, callback=acc):
+                out = pipe(
+                    prompt=[prompt_template.format(name)] * n,
+                    negative_prompt=[negative_prompt] * n,
+                    height=size,
+                    width=size,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    latents=torch.cat(initial[start : start + n]),
+                    output_type="pt",
+                    callback_on_step_end=step_done,
+                )
+            images.append(out.images.float().cpu())
+            maps.append(acc.maps().cpu())
+            report.note(f"{start + n}/{num_support} images")
     attribution = normalise_attribution(torch.cat(maps), (size, size))
     return SupportSet(name, _quantise(torch.cat(images)), attribution, [])
 
