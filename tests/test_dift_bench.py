@@ -72,11 +72,11 @@ def test_rows_compose_per_pair_from_per_image_and_matching():
     per_pair = "per pair at SPair test's 6.8 pairs per image"
     ratio = 12_234 / 1_800
     assert by(per_pair, "official").seconds == pytest.approx(11.0 / ratio + 2.0)
-    assert by((per_pair, "sdzero (feature cache)")).seconds == pytest.approx(4.0 / ratio + 0.5)
-    assert by((per_pair, "sdzero (no cache)")).seconds == pytest.approx(2 * 4.0 + 0.5)
+    assert by(per_pair, "sdzero (feature cache)").seconds == pytest.approx(4.0 / ratio + 0.5)
+    assert by(per_pair, "sdzero (no cache)").seconds == pytest.approx(2 * 4.0 + 0.5)
     listed = by("per pair, list", "official")  # the list's loop: (22 + 8) s over 4 pairs
     assert listed.seconds == pytest.approx(30.0 / 4)
-    assert by(("per pair, list", "sdzero (feature cache)")).seconds == pytest.approx(10.0 / 4)
+    assert by("per pair, list", "sdzero (feature cache)").seconds == pytest.approx(10.0 / 4)
     assert by("per pair, matching", "official").seconds == 2.0
     assert by("per pair, matching", "sdzero").flops == 7.0
 
