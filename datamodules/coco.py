@@ -78,7 +78,9 @@ def coco_stuff_labels() -> LabelSpace:
 @cache
 def coco_object_labels() -> LabelSpace:
     """COCO-Object-81: background, then the 80 things in trainId order."""
-    return LabelSpace.with_background(["background", *coco_stuff_labels().class_names[:NUM_THINGS]])
+    things = coco_stuff_labels().class_names[:NUM_THINGS]
+    space = LabelSpace.with_background(["background", *things])
+    return space.with_synonyms("coco_object.synonyms.txt")  # SCLIP's person synonyms
 
 
 class COCOStuffDataset(LabeledSegmentationDataset):

@@ -57,8 +57,8 @@ VOCdevkit/VOC2012/
 
 @cache
 def voc_labels() -> LabelSpace:
-    """VOC's 21 classes; background (0) is the only stuff."""
-    return LabelSpace.with_background(read_class_names("voc.txt"))
+    """VOC's 21 classes; background (0) is the only stuff. Synonyms: SCLIP's (``voc.synonyms.txt``)."""
+    return LabelSpace.with_background(read_class_names("voc.txt")).with_synonyms("voc.synonyms.txt")
 
 
 class VOCDataset(LabeledSegmentationDataset):

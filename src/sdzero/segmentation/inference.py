@@ -213,15 +213,19 @@ def _best(features: Tensor, protos: Tensor, valid: Tensor) -> tuple[Tensor, Tens
     return best.values, arg
 
 
-def labels_from_scores(scores: Tensor, size: tuple[int, int]) -> Tensor:
+def labels_from_scores(scores: Tensor, size: tuple[int, int], never: int | None = None) -> Tensor:
     """``(K, h, w)`` working-frame scores -> ``(H, W)`` int64 labels at ``size`` ``(H, W)``.
 
     Scores are bilinearly upsampled, those <= 0 zeroed, and the argmax taken: where nothing is
     positive the lowest index wins: the background (index 0) on the official datasets; without a
-    background channel, as the official ``reduce_zero_label`` path, the first class.
+    background channel, as the official ``reduce_zero_label`` path, the first class. ``never``: a
+    label that is not predicted at all (a background class without background prototypes).
     """
     up = F.interpolate(scores[None].float(), size=tuple(size), mode="bilinear")[0]
-    return torch.where(up > 0, up, torch.zeros_like(up)).argmax(dim=0)
+    up = torch.where(up > 0, up, torch.zeros_like(up))
+    if never is not None:
+        up[never] = -1.0
+    return up.argmax(dim=0)
 
 
 @dataclass
@@ -262,6 +266,9 @@ class Segmenter:
     :param window_batch: per extractor, windows whose prepared input has the same shape go through
         it in batches of at most this many (1: one window per forward call); scores are the same
         as one at a time up to float rounding and are accumulated in window order either way.
+    :param background_prototypes: whether the background channel scores the kept classes'
+        background prototypes (official); False: it stays at -1 and the background label is never
+        predicted (``method.background=none`` on a benchmark with a background class).
     """
 
     def __init__(
@@ -277,6 +284,7 @@ class Segmenter:
         use_pamr: bool = False,
         class_filter: Callable[[Tensor], Collection[int]] | None = None,
         window_batch: int = OVDIFF.window_batch,
+        background_prototypes: bool = True,
         device: Any = "cpu",
     ) -> None:
         if not extractors or len(extractors) != len(banks):
@@ -306,6 +314,7 @@ class Segmenter:
         self.use_pamr = use_pamr
         self.class_filter = class_filter
         self.window_batch = window_batch
+        self.background_prototypes = background_prototypes
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -342,8 +351,9 @@ class Segmenter:
         if self.use_pamr:
             scores = pamr(work.to(self.device).float()[None], scores[None])[0]
         size = tuple(out_size) if out_size is not None else tuple(image.shape[1:])
+        never = None if self.background_prototypes else self.background_index
         return Segmentation(
-            labels_from_scores(scores, size).cpu(),
+            labels_from_scores(scores, size, never).cpu(),
             scores,
             kept,
             tuple(image.shape[1:]),
@@ -393,7 +403,7 @@ class Segmenter:
         owner = owner.repeat(batch, 1, height, width)
         proto = torch.full(shape, -1, dtype=torch.long, device=s.bg.device)
         values[:, kept], proto[:, kept] = s.fg, s.fg_arg
-        if self.background_index is not None:
+        if self.background_index is not None and self.background_prototypes:
             b = self.background_index
             values[:, b], owner[:, b], proto[:, b] = s.bg, s.bg_owner, s.bg_arg
         return values, owner, proto

@@ -25,6 +25,7 @@ from sdzero.segmentation.inference import PrototypeBank, Segmenter
 from sdzero.segmentation.prototypes import PrototypeCache, Prototypes, build_prototypes
 from sdzero.segmentation.settings import OVDiffSettings
 from sdzero.segmentation.support import FolderSupport, GeneratedSupport
+from sdzero.segmentation.synonyms import class_prompts, class_prototypes
 from sdzero.settings import build_settings
 from sdzero.tasks.segmentation import SegmentationTask
 
@@ -160,19 +161,40 @@ class OVDiffModule(EvaluationModule):
         trainer = self._trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def background_prototypes(self, background_index: int | None) -> bool:
+        """Whether the background channel scores background prototypes (``method.background``
+        for a label space whose background class is ``background_index``, None: it has none)."""
+        rule = self.settings.background
+        if rule == "prototypes" and background_index is None:
+            raise ConfigError(
+                "method.background=prototypes needs a benchmark with a background class, and this "
+                "label space has none (its background pixels are ignored; every pixel gets a class): "
+                "use method.background=auto or none, or the benchmark's variant with background "
+                "(data.background=true: VOC-21, Context-60)"
+            )
+        return background_index is not None and rule != "none"
+
     def prepare(
         self,
         prompt_names: Sequence[str],
         background_index: int | None = 0,
         stuff: Collection[int] = (),
         support_root: str | Path | None = None,
+        synonyms: Sequence[Sequence[str]] | None = None,
     ) -> Segmenter:
         """Build/load the prototypes of every class but the background and assemble the segmenter.
 
         :param prompt_names: one name per label index (the background's is not used).
         :param stuff: label indices of stuff classes (always kept, own BG prototypes dropped).
+        :param synonyms: per label index its prompt names, ``prompt_names[i]`` first (used with
+            ``method.synonyms=all``; None: the prompt names alone).
         """
+        use_background = self.background_prototypes(background_index)
         classes = [i for i in range(len(prompt_names)) if i != background_index]
+        try:
+            prompts = class_prompts(prompt_names, synonyms, self.settings.synonyms, classes)
+        except ValueError as err:
+            raise ConfigError(f"method.synonyms={self.settings.synonyms}: {err}") from err
         stuff = set(stuff) - {background_index}
         filterable = {i: prompt_names[i] for i in classes if i not in stuff}
         class_filter = None
@@ -187,8 +209,9 @@ class OVDiffModule(EvaluationModule):
             ).to(self.device)
             self.random_weights |= self.settings.vit_weights == "random"
             class_filter = ClipFilter(classifier, filterable, sorted(stuff), device=self.device)
-        built = self.build_prototypes([prompt_names[i] for i in classes], support_root)
-        self.prototypes = {i: built[prompt_names[i]] for i in classes}
+        names = list(dict.fromkeys(n for group in prompts.values() for n in group))
+        built = self.build_prototypes(names, support_root)
+        self.prototypes = class_prototypes(built, prompts, self.settings.extractors)
         banks = [
             PrototypeBank.build(
                 {i: p[e] for i, p in self.prototypes.items()}, stuff, self.settings.stuff_threshold
@@ -207,6 +230,7 @@ class OVDiffModule(EvaluationModule):
             stride=self.settings.stride,
             short_side=self.settings.short_side,
             window_batch=self.settings.window_batch,
+            background_prototypes=use_background,
             use_pamr=self.settings.pamr,
             class_filter=class_filter,
             device=self.device,
@@ -234,6 +258,7 @@ class OVDiffModule(EvaluationModule):
             datamodule.background_index,
             datamodule.stuff,
             getattr(datamodule, "support_root", None),
+            getattr(getattr(datamodule, "labels", None), "prompt_synonyms", None),
         )
 
     def predict(self, batch: dict[str, Any]) -> torch.Tensor:

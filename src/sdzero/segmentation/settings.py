@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 EXTRACTOR_KINDS = ("sd", "dino", "clip", "colour")
 CLIP_FILTER_DTYPES = ("auto", "float32")
+SYNONYM_MODES = ("first", "all")
+BACKGROUND_RULES = ("auto", "prototypes", "none")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ class OVDiffSettings:
     vit_weights: str = (
         "pretrained"  # DINO/CLIP (and CLIP filter) weights: pretrained | random | file
     )
+    # classes with several prompt names (the label space's synonyms, e.g. SCLIP's person / tv
+    # monitor lists): first = one support set from the first name (official: one prompt a class)
+    # | all = a support set and prototypes per name, the class scored by the best of them all
+    synonyms: str = "first"
     # prototype + support cache folder, reused across runs and datasets; None =
     # $SDZERO_CACHE/prototypes or ~/.cache/sdzero/prototypes; "run" = <run folder>/prototypes
     prototype_cache: str | None = None
@@ -50,6 +56,11 @@ class OVDiffSettings:
     # the filter's precision: auto = official (clip.load: float16 on CUDA, float32 on CPU) |
     # float32 everywhere
     clip_filter_dtype: str = "auto"
+    # the background channel: prototypes = the max over the kept classes' background prototypes
+    # (official; needs a background class: VOC-21, Context-60, COCO-Object) | none = no background
+    # channel, every pixel gets its best class (the background label, if any, is never predicted)
+    # | auto = prototypes where the label space has a background class, none elsewhere
+    background: str = "auto"
     stuff_threshold: float = 0.85  # drop BG prototypes with cosine > this to a stuff FG prototype
     window_sizes: tuple[int, ...] = (448, 336)  # sliding windows (plus the full image)
     stride: int = 224  # window stride (pixels of the resized image)
@@ -97,6 +108,15 @@ class OVDiffSettings:
             raise ValueError(
                 f"method.clip_filter_dtype must be one of {list(CLIP_FILTER_DTYPES)}, got "
                 f"{self.clip_filter_dtype!r}"
+            )
+        if self.background not in BACKGROUND_RULES:
+            raise ValueError(
+                f"method.background must be one of {list(BACKGROUND_RULES)}, got "
+                f"{self.background!r}"
+            )
+        if self.synonyms not in SYNONYM_MODES:
+            raise ValueError(
+                f"method.synonyms must be one of {list(SYNONYM_MODES)}, got {self.synonyms!r}"
             )
         if not 0 <= self.stuff_threshold <= 1:
             raise ValueError(
