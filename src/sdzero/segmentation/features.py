@@ -146,6 +146,7 @@ class SDQueryExtractor(FeatureExtractor):
             "layers": self.layer_indices,
             "timestep": self.timestep,
             "seed": self.seed,
+            "input_size": self.input_size,
             "noise": "vae_epsilon",  # support noise = the VAE sample's epsilon (official)
         }
 

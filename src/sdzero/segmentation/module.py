@@ -95,7 +95,7 @@ class OVDiffModule(EvaluationModule):
     def _support_source(self, sd: Any, support_root: str | Path | None) -> Any:
         folder = self.support_folder(support_root)
         if folder is not None:
-            return FolderSupport(folder)
+            return FolderSupport(folder, size=self.settings.support_size)
         return GeneratedSupport(
             sd,
             self.cache_root() / "support",
@@ -104,6 +104,7 @@ class OVDiffModule(EvaluationModule):
             steps=self.settings.sampling_steps,
             seed=self.settings.support_seed,
             batch_size=self.settings.sample_batch,
+            size=self.settings.support_size,
         )
 
     def _load_sd(self) -> Any:
@@ -130,7 +131,9 @@ class OVDiffModule(EvaluationModule):
 
     def _extractor(self, name: str) -> Any:
         if name == "sd":
-            return SDQueryExtractor(self._sd, timestep=self.settings.sd_timestep).to(self.device)
+            return SDQueryExtractor(
+                self._sd, timestep=self.settings.sd_timestep, input_size=self.settings.sd_input_size
+            ).to(self.device)
         self.random_weights |= (
             name.partition(":")[0] != "colour" and self.settings.vit_weights == "random"
         )

@@ -25,6 +25,7 @@ class OVDiffSettings:
     sampling_steps: int = 30  # DPM-Solver++ (2M) steps of support sampling
     sample_batch: int = 8  # support images per pipeline call (part of the support cache key)
     support_seed: int = 42  # support sampling seed, re-seeded per class (official)
+    support_size: int = 512  # side of the support images, sampled or read (official 512)
     # None = sample with SD; a folder of <class name>/*.png (then use mask_proposer saliency or
     # full); "auto" = the datamodule's support_root
     support_folder: str | None = None
@@ -40,6 +41,7 @@ class OVDiffSettings:
     # on N pooled pixels, then refined on all (24576: ~3x faster, inertia +0.4 %; see README)
     kmeans_sample: int = 0
     sd_timestep: int = 200  # noise level of the SD feature pass
+    sd_input_size: int = 512  # side the SD features' inputs are resized to (official 512)
     vit_weights: str = (
         "pretrained"  # DINO/CLIP (and CLIP filter) weights: pretrained | random | file
     )
@@ -97,6 +99,9 @@ class OVDiffSettings:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"method.{key} must be >= 1, got {value}")
+        for key in ("support_size", "sd_input_size"):  # the UNet halves the latent 3 times
+            if getattr(self, key) < 64 or getattr(self, key) % 64:
+                raise ValueError(f"method.{key} must be a multiple of 64, got {getattr(self, key)}")
         if min(self.window_sizes, default=1) < 1:
             raise ValueError(f"method.window_sizes must be >= 1, got {list(self.window_sizes)}")
         if self.kmeans_sample < 0:
