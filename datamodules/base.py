@@ -13,6 +13,7 @@ under ``configs/data/``; everything else (limit, loaders, errors, collation) liv
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from datamodules.files import DatasetFormatError, load_label, load_rgb
 from datamodules.labels import LabelSpace
 from datamodules.sharding import Padded, ShardSampler
 from sdzero.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------- pairs
 
@@ -86,6 +89,10 @@ class KeypointPairDataset(Dataset):
             return path.relative_to(self.root).as_posix()
         except ValueError:
             return path.as_posix()
+
+    def sample_id(self, index: int) -> str:
+        """The id of sample ``index`` (read from the annotations, no image decoded)."""
+        return self.pairs[index].id
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         pair = self.pairs[index]
@@ -150,6 +157,10 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def sample_id(self, index: int) -> str:
+        """The id of sample ``index`` (no file read)."""
+        return self.items[index].id
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
         image = load_rgb(item.image_path)
@@ -188,21 +199,66 @@ class LimitedDataset(Dataset):
         return getattr(self.dataset, name)
 
 
+ON_BAD_SAMPLE = ("error", "skip")
+
+
+class BadSampleGuard(Dataset):
+    """``dataset`` (indices unchanged) with ``data.on_bad_sample`` applied to its unreadable
+    samples (a :class:`DatasetFormatError` while indexing: a corrupt or truncated image, a label
+    value out of range): ``skip`` gives ``{"index", "id", "skipped": the error's message}``
+    instead (the run records the skip and ``metrics.json`` counts it); ``error`` re-raises the
+    error, naming the key that would skip it."""
+
+    def __init__(self, dataset: Dataset, skip: bool) -> None:
+        self.dataset = dataset
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            return self.dataset[index]
+        except DatasetFormatError as err:
+            if not self.skip:
+                raise DatasetFormatError(
+                    f"{err} (data.on_bad_sample=skip records such samples as skipped instead)"
+                ) from err
+            sample_id = getattr(self.dataset, "sample_id", str)(index)
+            log.warning(
+                "data.on_bad_sample=skip: sample %d (%s) skipped: %s", index, sample_id, err
+            )
+            return {"index": index, "id": str(sample_id), "skipped": str(err)}
+
+
 class BenchmarkDataModule(pl.LightningDataModule):
     """Test-split datamodule: builds the dataset (validating the files first), applies ``limit``.
 
     :param root: the dataset folder or any folder containing it (``data.root``).
     :param limit: evaluate only the first ``limit`` samples of the split (``data.limit``).
     :param num_workers: DataLoader workers.
+    :param on_bad_sample: a sample whose files cannot be read: ``error`` (the run stops with a
+        message naming the file) or ``skip`` (recorded as skipped, counted in ``metrics.json``).
     """
 
-    def __init__(self, root: str, limit: int | None = None, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        root: str,
+        limit: int | None = None,
+        num_workers: int = 0,
+        on_bad_sample: str = "error",
+    ) -> None:
         super().__init__()
         if limit is not None and int(limit) < 1:
             raise ConfigError(f"data.limit must be a positive integer or null, got {limit!r}")
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ConfigError(
+                f"data.on_bad_sample must be one of {list(ON_BAD_SAMPLE)}, got {on_bad_sample!r}"
+            )
         self.root = root
         self.limit = limit
         self.num_workers = num_workers
+        self.on_bad_sample = on_bad_sample
         self._full: Dataset | None = None
         self.dataset: LimitedDataset | None = None
 
@@ -246,7 +302,7 @@ class BenchmarkDataModule(pl.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         return DataLoader(
-            Padded(self.dataset),
+            Padded(BadSampleGuard(self.dataset, skip=self.on_bad_sample == "skip")),
             batch_size=1,
             sampler=ShardSampler(len(self.dataset), rank, world),
             num_workers=self.num_workers,

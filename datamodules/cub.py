@@ -262,6 +262,7 @@ class CUBDataModule(TrainableDataModule):
         seed: int = 0,
         limit: int | None = None,
         num_workers: int = 0,
+        on_bad_sample: str = "error",
         train_split: str | None = "train",
         val_split: str | None = None,
         batch_size: int = 8,
@@ -270,7 +271,7 @@ class CUBDataModule(TrainableDataModule):
         reverse: bool = False,
     ) -> None:
         splits = (train_split, val_split, batch_size, train_limit)
-        super().__init__(root, limit, num_workers, *splits)
+        super().__init__(root, limit, num_workers, *splits, on_bad_sample=on_bad_sample)
         parse_query_points(query_points)
         self.query_points, self.reverse = query_points, reverse
         self.protocol = protocol

@@ -54,6 +54,8 @@ def find_dataset_root(root: str | Path, markers: Sequence[str], layout: str, nam
 def _open_image(path: Path, what: str) -> Image.Image:
     """The decoded image file; :class:`DatasetFormatError` naming it if it is missing, not an
     image, or truncated. ``what`` names the file's role in the message (``image``, ``label``)."""
+    if path.is_dir():
+        raise DatasetFormatError(f"{what} file {str(path)!r} is a folder; expected an image file")
     if not path.is_file():
         raise DatasetFormatError(f"{what} file {str(path)!r} does not exist")
     img = None

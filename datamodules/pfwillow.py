@@ -177,8 +177,9 @@ class PFWillowDataModule(BenchmarkDataModule):
         pairs_file: str | None = None,
         limit: int | None = None,
         num_workers: int = 0,
+        on_bad_sample: str = "error",
     ) -> None:
-        super().__init__(root, limit=limit, num_workers=num_workers)
+        super().__init__(root, limit=limit, num_workers=num_workers, on_bad_sample=on_bad_sample)
         self.pairs_file = pairs_file
 
     def build_dataset(self) -> PFWillowDataset:

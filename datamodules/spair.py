@@ -242,6 +242,7 @@ class SPairDataModule(TrainableDataModule):
         per_category: int | None = None,
         limit: int | None = None,
         num_workers: int = 0,
+        on_bad_sample: str = "error",
         train_split: str | None = "trn",
         val_split: str | None = "val",
         batch_size: int = 8,
@@ -250,7 +251,7 @@ class SPairDataModule(TrainableDataModule):
         reverse: bool = False,
     ) -> None:
         splits = (train_split, val_split, batch_size, train_limit)
-        super().__init__(root, limit, num_workers, *splits)
+        super().__init__(root, limit, num_workers, *splits, on_bad_sample=on_bad_sample)
         check_per_category(per_category)
         parse_query_points(query_points)
         self.split = split

@@ -341,6 +341,7 @@ class SyntheticCorrespondenceDataModule(TrainableDataModule):
         per_category: int | None = None,
         limit: int | None = None,
         num_workers: int = 0,
+        on_bad_sample: str = "error",
         num_train_pairs: int = 0,
         num_val_pairs: int = 0,
         train_split: str | None = "trn",
@@ -351,7 +352,7 @@ class SyntheticCorrespondenceDataModule(TrainableDataModule):
         _check_args(num_pairs, image_size, kind)
         check_per_category(per_category)
         splits = (train_split, val_split, batch_size, train_limit)
-        super().__init__(root, limit, num_workers, *splits)
+        super().__init__(root, limit, num_workers, *splits, on_bad_sample=on_bad_sample)
         self.counts = (int(num_pairs), int(num_train_pairs), int(num_val_pairs))
         self.num_pairs = int(num_pairs)
         self.kind = kind

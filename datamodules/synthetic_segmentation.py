@@ -294,9 +294,10 @@ class SyntheticSegmentationDataModule(SegmentationDataModule):
         num_support: int = 4,
         limit: int | None = None,
         num_workers: int = 0,
+        on_bad_sample: str = "error",
         background: bool = True,
     ) -> None:
-        super().__init__(root, limit, num_workers)
+        super().__init__(root, limit, num_workers, on_bad_sample=on_bad_sample)
         self.background = background
         synthetic_classes(classes)
         _check_sizes(num_images, image_size, num_support)

@@ -64,8 +64,9 @@ class TrainableDataModule(BenchmarkDataModule):
         val_split: str | None = None,
         batch_size: int = 8,
         train_limit: int | None = None,
+        on_bad_sample: str = "error",
     ) -> None:
-        super().__init__(root, limit=limit, num_workers=num_workers)
+        super().__init__(root, limit=limit, num_workers=num_workers, on_bad_sample=on_bad_sample)
         for key, value in (("batch_size", batch_size), ("train_limit", train_limit)):
             if value is not None and (isinstance(value, bool) or int(value) < 1):
                 raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")

@@ -136,8 +136,9 @@ class VOCDataModule(SegmentationDataModule):
         background: bool = True,
         limit: int | None = None,
         num_workers: int = 0,
+        on_bad_sample: str = "error",
     ) -> None:
-        super().__init__(root, limit, num_workers)
+        super().__init__(root, limit, num_workers, on_bad_sample=on_bad_sample)
         self.background = background
 
     @property

@@ -59,13 +59,48 @@ class SampleCallback(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not outputs.get("padding"):  # a rank without samples runs one padding sample
+        if outputs.get("padding"):  # a rank without samples runs one padding sample
+            return
+        if "skipped" in outputs:
+            self.on_skipped(trainer, pl_module, outputs)
+        else:
             self.on_sample(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_sample(
         self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """``outputs``: ``{"record", "prediction", "reused"}`` of one sample."""
+
+    def on_skipped(self, trainer: pl.Trainer, pl_module: Any, outputs: dict[str, Any]) -> None:
+        """``outputs``: ``{"skipped": why, "index", "id"}`` of a sample that could not be read."""
+
+
+def finished_records(
+    folder: Path, task: Any
+) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """The records of a ``predictions/`` folder, every rank's: ``(finished, skipped)``, each
+    ``{index: record}``: the first complete record of each sample, and the skip records of samples
+    without one. A record the task does not accept as complete (a field of the wrong type, a
+    missing artifact) is dropped with a warning: its sample is redone."""
+    finished: dict[int, dict[str, Any]] = {}
+    skipped: dict[int, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        for record in read_records(path):
+            index = record.get("index")
+            if not isinstance(index, int) or isinstance(index, bool):
+                log.warning("%s: a record without an integer index was dropped", path)
+            elif "skipped" in record:
+                skipped.setdefault(index, record)
+            elif index not in finished and not task.record_complete(record, folder):
+                log.warning(
+                    "%s: the record of sample %d is incomplete or has fields of the wrong type; "
+                    "dropped (its sample is redone)",
+                    path,
+                    index,
+                )
+            else:
+                finished.setdefault(index, record)
+    return finished, {i: r for i, r in skipped.items() if i not in finished}
 
 
 class PredictionRecords(SampleCallback):
@@ -78,12 +113,7 @@ class PredictionRecords(SampleCallback):
         self._writer: RecordWriter | None = None
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        finished: dict[int, dict[str, Any]] = {}
-        for path in sorted(self.folder.glob("*.jsonl")):
-            for record in read_records(path):
-                index = record.get("index")
-                if isinstance(index, int) and pl_module.task.record_complete(record, self.folder):
-                    finished.setdefault(index, record)
+        finished, _ = finished_records(self.folder, pl_module.task)  # skipped ones are retried
         pl_module.finished = finished
         if finished and trainer.global_rank == 0:
             log.info("resuming: %d finished samples found in %s", len(finished), self.folder)
@@ -98,6 +128,11 @@ class PredictionRecords(SampleCallback):
         for name, data in pl_module.task.artifacts(record, outputs["prediction"]).items():
             write_bytes_atomic(self.folder / name, data)  # before the record that names them
         self._writer.write(record)
+
+    def on_skipped(self, trainer: pl.Trainer, pl_module: Any, outputs: dict[str, Any]) -> None:
+        self._writer.write(
+            {"index": outputs["index"], "id": str(outputs["id"]), "skipped": outputs["skipped"]}
+        )
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if self._writer is not None:
@@ -118,7 +153,7 @@ class TaskMetrics(SampleCallback):
         self._start = 0.0
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        self._seconds, self._count, self._reused = 0.0, 0, 0
+        self._seconds, self._count, self._reused, self._skipped = 0.0, 0, 0, 0
         self.metrics = None
         if self.protocol is not None:
             pl_module.task.protocol = self.protocol
@@ -140,6 +175,9 @@ class TaskMetrics(SampleCallback):
             outputs["record"], batch, outputs["prediction"], predictions_dir(self.run_dir)
         )
 
+    def on_skipped(self, trainer: pl.Trainer, pl_module: Any, outputs: dict[str, Any]) -> None:
+        self._skipped += 1
+
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         task = pl_module.task
         computed = task.metric.compute()  # synced across ranks by torchmetrics
@@ -151,11 +189,12 @@ class TaskMetrics(SampleCallback):
             self._count / max(self._seconds, 1e-9),
             self._reused,
         )
-        stats = torch.tensor([self._seconds, float(self._count)], dtype=torch.float64)
+        stats = [self._seconds, float(self._count), float(self._skipped)]
+        stats = torch.tensor(stats, dtype=torch.float64)
         if trainer.world_size > 1:
-            stats = pl_module.all_gather(stats.to(pl_module.device)).reshape(-1, 2).sum(0).cpu()
+            stats = pl_module.all_gather(stats.to(pl_module.device)).reshape(-1, 3).sum(0).cpu()
         seconds_per_sample = float(stats[0] / max(stats[1], 1.0))
-        summary = summarise(task, computed, seconds_per_sample, trainer.datamodule)
+        summary = summarise(task, computed, seconds_per_sample, trainer.datamodule, int(stats[2]))
         if uses_random_weights(pl_module):
             summary["warning"] = RANDOM_WEIGHTS_WARNING
         if "note" in summary and trainer.global_rank == 0:
@@ -184,14 +223,24 @@ class TaskMetrics(SampleCallback):
             log.warning(RANDOM_WEIGHTS_WARNING)
 
 
-def summarise(task: Any, computed: dict[str, Any], seconds: float | None, datamodule: Any) -> dict:
+def summarise(
+    task: Any, computed: dict[str, Any], seconds: float | None, datamodule: Any, skipped: int = 0
+) -> dict:
     """The ``metrics.json`` object: the task's summary of ``metric.compute()`` plus the dataset's
-    name and split size (``seconds``: mean per sample, or None when not measured)."""
+    name and split size (``seconds``: mean per sample, or None when not measured) and, when some
+    samples could not be read (``data.on_bad_sample=skip``), their count ``skipped_samples``."""
     summary = task.summary({**computed, "seconds_per_sample": seconds})
     summary.update(
         dataset=getattr(datamodule, "dataset_name", type(datamodule).__name__),
         split_size=int(getattr(datamodule, "split_size", -1)),
     )
+    if skipped:
+        summary["skipped_samples"] = skipped
+        log.warning(
+            "%d samples could not be read and were skipped (data.on_bad_sample=skip); their "
+            "records in predictions/ say why",
+            skipped,
+        )
     unlabelled = computed.get("num_unlabelled_points", 0)
     if unlabelled:  # data.query_points=grid:N
         summary["num_unlabelled_points"] = unlabelled

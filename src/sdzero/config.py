@@ -250,6 +250,7 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
         )
     OmegaConf.resolve(cfg)
     OmegaConf.set_struct(cfg, True)
+    _check_top_level(cfg)
     for group in GROUPS:  # value types first, from the sources: no method module loads for these
         schema = _schema(cfg[group])
         if schema is not None:
@@ -267,6 +268,27 @@ def compose(experiment: str | None = None, overrides: Sequence[str] = ()) -> Dic
             values.pop("_target_")
             build_settings(cls, values, key=group)
     return cfg
+
+
+TOP_LEVEL_TYPES: dict[str, Any] = {
+    "experiment": str | None,
+    "output_dir": str | None,
+    "resume": str | None,
+    "seed": int,
+    "protocol": str | None,
+    "visuals": int,
+}
+"""The value type of each top-level key of ``eval.yaml`` (checked when the config is composed)."""
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    """A top-level key of the wrong type is a one-line error naming it (``seed=abc``)."""
+    from sdzero.settings import coerce_values
+
+    values = {k: cfg[k] for k in TOP_LEVEL_TYPES if k in cfg}
+    coerce_values(list(values), TOP_LEVEL_TYPES, values, key="")
+    if cfg.get("visuals", 0) < 0:
+        raise ConfigError(f"visuals must be an integer >= 0, got {cfg.visuals}")
 
 
 def _apply_protocol(cfg: DictConfig, dotlist: Sequence[str]) -> DictConfig:
@@ -329,7 +351,22 @@ def instantiate(node: DictConfig | dict, key: str = "", **extra: Any) -> Any:
         sig.bind(**params)
     except TypeError as err:
         raise ConfigError(f"config node {key!r} ({target}): {err}") from err
+    _check_types(factory, {k: v for k, v in params.items() if k not in extra}, key)
     return factory(**params)
+
+
+def _check_types(factory: Any, params: dict[str, Any], key: str) -> None:
+    """Config values of the wrong type for the factory's annotated parameters are a ``key.name``
+    error (``data.limit=abc``) before the factory runs; the values are passed on unchanged."""
+    from sdzero.settings import coerce_values
+
+    init = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # annotations that do not evaluate: nothing to check against
+        return
+    hints.pop("return", None)
+    coerce_values(list(params), hints, params, key=key)
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

@@ -76,9 +76,12 @@ class EvaluationModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """``{"record": the task's record, "prediction": the method's output (None when reused),
-        "reused": whether the record was finished before}``."""
+        "reused": whether the record was finished before}``; ``{"skipped": why, "index", "id"}``
+        for a sample the datamodule could not read (``data.on_bad_sample=skip``)."""
         if batch.get("padding"):  # see datamodules.sharding: contributes nothing
             return {"padding": True}
+        if "skipped" in batch:  # unreadable files under data.on_bad_sample=skip
+            return {"skipped": batch["skipped"], "index": int(batch["index"]), "id": batch["id"]}
         done = self.finished.get(int(batch["index"]))
         if done is not None:
             return {"record": done, "prediction": None, "reused": True}

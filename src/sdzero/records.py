@@ -17,7 +17,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sdzero.errors import InputError
+
 log = logging.getLogger(__name__)
+
+
+def check_output_path(path: str | Path, what: str, folder: bool = False) -> None:
+    """Raise :class:`~sdzero.errors.InputError` (naming ``what``, e.g. ``--viz``) unless ``path``
+    can be written as a file (``folder``: a folder) before any work starts: it is not a folder
+    (a file), and its nearest existing ancestor is a writable folder (missing ones are created)."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        kind, expected = ("a file", "a folder") if folder else ("a folder", "a file path")
+        raise InputError(f"{what} {str(path)!r} is {kind}; expected {expected}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{what} {str(path)!r}: the folder {str(parent)!r} is not writable")
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

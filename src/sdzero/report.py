@@ -134,6 +134,8 @@ def _at(values: Any, alpha: str) -> float | None:
 def read_run(run_dir: str | Path) -> list[Row]:
     """The headline rows of one run folder (:class:`InputError` if it is not one)."""
     run = Path(run_dir)
+    if run.is_file():
+        raise InputError(f"run folder {str(run)!r} is a file; expected a run folder")
     if not run.is_dir():
         raise InputError(f"run folder {str(run)!r}: no such folder")
     metrics = _read_json(run / "metrics.json")

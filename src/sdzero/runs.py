@@ -16,7 +16,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from sdzero.callbacks import TaskMetrics, evaluation_callbacks
-from sdzero.config import ConfigError, _import, instantiate
+from sdzero.config import ConfigError, _check_types, _import, instantiate
 from sdzero.run_folder import RunFolder, retire_stale_evaluation
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ def build_trainer(
         "enable_model_summary": False,
         **fixed,
     }
+    _check_types(pl.Trainer, _plain(cfg.trainer), "trainer")  # e.g. trainer.max_epochs=abc
     try:
         return pl.Trainer(
             **_plain(cfg.trainer),
@@ -109,9 +110,27 @@ def build_trainer(
             callbacks=callbacks,
             default_root_dir=str(run_dir),
         )
-    except (MisconfigurationException, TypeError, ValueError) as err:
+    except (MisconfigurationException, TypeError, ValueError, AssertionError) as err:
         # the constructor only checks its arguments, and all but the fixed ones are trainer.* keys
         raise ConfigError(f"trainer: {err}") from err
+    except ImportError as err:  # an accelerator or strategy whose package is not installed
+        raise ConfigError(f"trainer: {err}") from err
+
+
+def check_trainer(cfg: DictConfig, **fixed: Any) -> None:
+    """Build (and drop) the run's Trainer once before the run folder exists, so that a bad
+    ``trainer.*`` value is an error that leaves nothing behind (Lightning's device report is
+    silenced for it: the real Trainer prints it)."""
+    import tempfile
+
+    quiet = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            build_trainer(cfg, Path(scratch), False, [], **fixed)
+    finally:
+        quiet.setLevel(level)
 
 
 def evaluate(
@@ -135,6 +154,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         datamodule = instantiate(cfg.data, key="data")
         datamodule.setup("test")  # reads and validates the annotation files before any model
         module = build_method(cfg)
+        check_trainer(cfg)
         run_dir = folder.create()
         logger = build_logger(cfg, run_dir)
         metrics = evaluate(cfg, module, datamodule, run_dir, logger)
@@ -165,6 +185,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"data: {type(datamodule).__name__} has no training split")
         datamodule.setup("fit")  # reads every split's files before any model
         module = build_method(cfg)
+        check_trainer(cfg, enable_checkpointing=True)
         run_dir = run.create()
         monitor, mode = getattr(module, "monitor", ("val/loss", "min"))
         if datamodule.val_split is None:
@@ -201,8 +222,7 @@ def recompute_metrics(run_dir: str | Path) -> dict[str, Any]:
     loaded), without the timing key."""
     from omegaconf import OmegaConf
 
-    from sdzero.callbacks import predictions_dir, summarise
-    from sdzero.records import read_records
+    from sdzero.callbacks import finished_records, predictions_dir, summarise
 
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -212,13 +232,10 @@ def recompute_metrics(run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("protocol") is not None:
         task.protocol = cfg.protocol
     folder = predictions_dir(run_dir)
-    records: dict[int, dict[str, Any]] = {}
-    for path in sorted(folder.glob("*.jsonl")):
-        for record in read_records(path):
-            records.setdefault(record["index"], record)
+    records, skipped = finished_records(folder, task)
     for index in sorted(records):
         task.update(records[index], datamodule.dataset[index], None, folder)
-    summary = summarise(task, task.metric.compute(), None, datamodule)
+    summary = summarise(task, task.metric.compute(), None, datamodule, len(skipped))
     return {k: v for k, v in summary.items() if v is not None}
 
 

@@ -86,13 +86,14 @@ def coerce_values(
     """``values`` as their fields' annotations (``hints``) want them; an unknown key or a wrong
     type is a ``key.name`` error. A field of ``names`` without a hint takes its value as it is."""
     kwargs = {}
+    prefix = f"{key}." if key else ""
     for name, value in values.items():
         if name not in names:
-            hint = _did_you_mean(name, list(names), f"{key}.")
-            raise ConfigError(f"unknown config key {key}.{name}.{hint}")
+            hint = _did_you_mean(name, list(names), prefix)
+            raise ConfigError(f"unknown config key {prefix}{name}.{hint}")
         got = _coerce(value, hints[name]) if name in hints else value
         if got is _NO:
-            raise ConfigError(f"{key}.{name} must be {_describe(hints[name])}, got {value!r}")
+            raise ConfigError(f"{prefix}{name} must be {_describe(hints[name])}, got {value!r}")
         kwargs[name] = got
     return kwargs
 

@@ -19,6 +19,7 @@ scheduler use here, does not depend on it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -277,3 +278,57 @@ def matching_architectures(unet_config: Any) -> list[str]:
     """Names whose UNet topology equals that of ``unet_config`` (sd14 and sd15 match together)."""
     topology = unet_topology(unet_config)
     return [name for name, spec in _REGISTRY.items() if unet_topology(spec.unet) == topology]
+
+
+def cross_attention_heads(unet_config: Any) -> list[int]:
+    """The heads of each cross-attention layer of a UNet config, in execution order (down blocks,
+    mid block, up blocks; one entry per transformer block), read from the config alone: what
+    :func:`~sdzero.backbones.attention.cross_attention_layers` finds in the built model.
+
+    In diffusers' SD 1.x/2.x configs ``attention_head_dim`` holds the number of heads (per down
+    block when a list; up blocks read it reversed) unless ``num_attention_heads`` is given."""
+    down, up = list(unet_config["down_block_types"]), list(unet_config["up_block_types"])
+    heads = unet_config.get("num_attention_heads") or unet_config.get("attention_head_dim", 8)
+    heads = list(heads) if isinstance(heads, list | tuple) else [heads] * len(down)
+    per_block = unet_config.get("layers_per_block", 2)
+    per_block = list(per_block) if isinstance(per_block, list | tuple) else [per_block] * len(down)
+    depth = unet_config.get("transformer_layers_per_block", 1)
+    depth = list(depth) if isinstance(depth, list | tuple) else [depth] * len(down)
+    layers: list[int] = []
+    for i, kind in enumerate(down):
+        if "CrossAttn" in kind:
+            layers += [int(heads[i])] * (per_block[i] * depth[i])
+    if "CrossAttn" in str(unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn")):
+        layers += [int(heads[-1])] * depth[-1]
+    for i, kind in enumerate(up):
+        j = len(down) - 1 - i
+        if "CrossAttn" in kind:
+            layers += [int(heads[j])] * ((per_block[j] + 1) * depth[j])
+    return layers
+
+
+def check_attention_choice(
+    layers: Sequence[int | str], heads: Sequence[int] | None, arch: str | None
+) -> None:
+    """``method.layers`` (indices among the cross-attention layers) and ``method.heads`` checked
+    against architecture ``arch`` before any model is built (nothing to check without ``arch``:
+    the loaded UNet is checked then). Module paths in ``layers`` are checked at load."""
+    if arch is None:
+        return
+    per_layer = cross_attention_heads(get_architecture(arch).unet)
+    n = len(per_layer)
+    chosen = []
+    for layer in layers:
+        if isinstance(layer, int) or (isinstance(layer, str) and layer.lstrip("-").isdigit()):
+            i = int(layer)
+            if not -n <= i < n:
+                raise ConfigError(
+                    f"method.layers: cross-attention layer index {i} is out of range for "
+                    f"backbone.arch={arch!r}, which has {n} cross-attention layers (0..{n - 1})"
+                )
+            chosen.append(per_layer[i])
+    if heads is not None and chosen and max(heads) >= min(chosen):
+        raise ConfigError(
+            f"method.heads: head index {max(heads)} is out of range for the chosen layers of "
+            f"backbone.arch={arch!r}, which have {min(chosen)} heads (0..{min(chosen) - 1})"
+        )

@@ -99,6 +99,7 @@ def check_query_points(
     outside = (
         (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
     )
+    outside |= ~torch.isfinite(points).all(dim=1)  # NaN compares False: not inside either
     if outside.any():
         bad = points[outside][0].tolist()
         raise InputError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -18,6 +19,8 @@ def _point(text: str) -> tuple[float, float]:
         x, y = (float(v) for v in text.split(","))
     except ValueError:
         raise InputError(f"--points {text!r}: expected X,Y (pixels of SRC), e.g. 10,20") from None
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise InputError(f"--points {text!r}: expected finite numbers X,Y (pixels of SRC)")
     return x, y
 
 
@@ -66,6 +69,10 @@ def _run(args: argparse.Namespace) -> int:
     # `--points` is greedy: key=value items typed after it are config overrides, not points
     points = [_point(p) for p in args.points if "=" not in p]
     overrides = [*args.overrides, *(p for p in args.points if "=" in p)]
+    if args.viz:
+        from sdzero.records import check_output_path
+
+        check_output_path(args.viz, "--viz")
     match = match_images(args.src, args.trg, points, overrides)
     if args.viz:
         import torch

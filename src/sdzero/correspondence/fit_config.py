@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from sdzero.correspondence.crop_encoder import CROP_ENCODERS
 from sdzero.correspondence.crops import crop_size
 
 AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 GAUSSIAN_GRIDS = ("index", "center")
+TRAIN_TIMESTEPS = 1000  # the SD noise schedule's length
+LOWER_BOUNDS = {  # integer keys and their smallest valid value
+    "steps": 0,
+    "num_embeddings": 1,
+    "inference_crops": 1,
+    "image_size": 64,
+    "token": 0,
+    "batch_size": 0,
+    "early_stop_patience": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class FitConfig:
     batch_size: int = 5  # (query, embedding) items per UNet call (bounds memory); 0 = all of a pair
     truncate: bool = True  # stop the UNet after the last read layer (exact: same maps, same grads)
     cache_latents: bool = True  # encode each distinct crop of an image once (exact)
+    channels_last: bool = True  # convolutions in NHWC memory format (exact up to float rounding)
     # Options beyond exact, off by default (their measured effects: README, "Speed options"):
     autocast: str | None = None  # "bf16" | "fp16" (GPU): UNet and VAE under torch.autocast
     checkpointing: bool = False  # gradient checkpointing: less memory, one more partial forward
@@ -45,11 +58,29 @@ class FitConfig:
     early_stop_patience: int = 0  # > 0: an item stops after this many steps without improvement
     early_stop_delta: float = 0.01  # relative improvement of the loss EMA that resets patience
     flip_target: bool = False  # also infer on the mirrored target; keep the sharper orientation
+    crop_encoder: str = "vae"  # "vae" (exact) | "vae_bf16" | "taesd": see crop_encoder.py
+    taesd_weights: str | None = "madebyollin/taesd"  # crop_encoder=taesd: hub id | folder | null
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.num_embeddings < 1 or self.inference_crops < 1:
+        for name, low in LOWER_BOUNDS.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"method.{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "sigma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"method.{name} must be a finite number > 0, got {value}")
+        for name in ("opt_timestep", "infer_timestep"):
+            if not 0 <= getattr(self, name) < TRAIN_TIMESTEPS:
+                raise ValueError(
+                    f"method.{name} must lie in 0..{TRAIN_TIMESTEPS - 1}, got {getattr(self, name)}"
+                )
+        if not self.layers:
+            raise ValueError("method.layers must name at least one cross-attention layer")
+        if self.heads is not None and (
+            not self.heads or min(self.heads) < 0 or len(set(self.heads)) != len(self.heads)
+        ):
             raise ValueError(
-                "method.steps >= 0, method.num_embeddings >= 1, method.inference_crops >= 1"
+                f"method.heads must be null or distinct head indices >= 0, got {list(self.heads)}"
             )
         if self.inference_crops < 4 and self.inference_crops != 1:
             raise ValueError(
@@ -69,9 +100,12 @@ class FitConfig:
             raise ValueError(
                 f"method.autocast must be one of {sorted(AUTOCAST, key=str)}, got {self.autocast!r}"
             )
-        if self.early_stop_patience < 0 or not 0 <= self.early_stop_delta < 1:
+        if not 0 <= self.early_stop_delta < 1:
             raise ValueError(
-                "method.early_stop_patience must be >= 0 and method.early_stop_delta in [0, 1), "
-                f"got {self.early_stop_patience}, {self.early_stop_delta}"
+                f"method.early_stop_delta must lie in [0, 1), got {self.early_stop_delta}"
+            )
+        if self.crop_encoder not in CROP_ENCODERS:
+            raise ValueError(
+                f"method.crop_encoder must be one of {CROP_ENCODERS}, got {self.crop_encoder!r}"
             )
         crop_size(self.image_size, self.crop_fraction)

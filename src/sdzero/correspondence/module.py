@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
+from sdzero.backbones.architectures import check_attention_choice
 from sdzero.correspondence.base import CorrespondenceModule, PairInfo, ScoringSettings
 from sdzero.correspondence.fit_config import FitConfig
 from sdzero.correspondence.fitting import PromptCorrespondence
+from sdzero.errors import ConfigError
 from sdzero.evaluation import SmokeTest
 from sdzero.settings import build_settings
 
@@ -44,13 +46,21 @@ class PromptCorrespondenceModule(CorrespondenceModule):
     def __init__(self, backbone: dict[str, Any], seed: int = 0, **settings: Any) -> None:
         super().__init__(backbone, seed)
         self.settings = build_settings(CorrespondenceSettings, settings)
+        # before any model loads: the layer indices and heads the named architecture has
+        check_attention_choice(
+            self.settings.layers, self.settings.heads, self.backbone_cfg.get("arch")
+        )
         self.method: PromptCorrespondence | None = None
 
     def setup(self, stage: str) -> None:
         """Build the task (under a Trainer) and load the backbone."""
         super().setup(stage)
         if self.method is None:
-            self.method = PromptCorrespondence(self.load_sd(), self.settings)
+            sd = self.load_sd()
+            try:
+                self.method = PromptCorrespondence(sd, self.settings)
+            except ValueError as err:  # layer paths or indices this (unnamed) UNet lacks
+                raise ConfigError(f"method.layers={list(self.settings.layers)}: {err}") from err
 
     def match(
         self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, pair: PairInfo

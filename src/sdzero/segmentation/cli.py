@@ -35,6 +35,11 @@ def _segment(args: argparse.Namespace) -> int:
         raise InputError(
             "--pixel X,Y names the pixel --explain OUT.png explains; give --explain too"
         )
+    from sdzero.records import check_output_path
+
+    for option in ("out", "explain", "overlay"):
+        if getattr(args, option):
+            check_output_path(getattr(args, option), f"--{option}")
     summary = segment_file(
         args.image, args.classes, args.overrides, args.out, args.explain, args.pixel, args.overlay
     )
@@ -46,6 +51,9 @@ def _build(args: argparse.Namespace) -> int:
     from sdzero.segmentation.api import build_prototype_cache
 
     _split_overrides(args)
+    from sdzero.records import check_output_path
+
+    check_output_path(args.out, "--out", folder=True)
     print(json.dumps(build_prototype_cache(args.classes, args.out, args.overrides), indent=2))
     return 0
 

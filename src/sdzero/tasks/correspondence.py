@@ -128,6 +128,22 @@ class CorrespondenceTask(Task):
             pred, target = frame.to_model(pred), frame.to_model(target)
         return pred, target
 
+    def record_complete(self, record: dict[str, Any], predictions: Path | None) -> bool:
+        """Whether a record read back holds every field :meth:`update` reads, with its type:
+        ``category`` a string, ``threshold_size`` a number > 0 (NaN allowed: no box), the point
+        lists ``(N, 2)`` numbers (NaN for points without ground truth) with one prediction per
+        source point, the sizes two positive integers."""
+        try:
+            n = len(record["src_kps"])
+            points = [record[k] for k in ("src_kps", "trg_kps", "pred_kps")]
+            sizes = [record["src_size"], record["trg_size"]]
+            ok = isinstance(record["category"], str) and _number(record["threshold_size"])
+            ok = ok and all(_points(p, n) for p in points)
+            ok = ok and all(_size(v) for v in sizes)
+            return ok and isinstance(record.get("extra", {}), dict)
+        except (KeyError, TypeError):
+            return False
+
     def update(
         self,
         record: dict[str, Any],
@@ -285,3 +301,25 @@ class CorrespondenceTask(Task):
         return draw_matches(
             batch["src_img"], batch["trg_img"], batch["src_kps"], pred, outcome, lines
         )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _points(value: Any, n: int) -> bool:
+    """``value`` is ``n`` points ``[x, y]`` of numbers."""
+    return (
+        isinstance(value, list)
+        and len(value) == n
+        and all(isinstance(p, list) and len(p) == 2 and all(map(_number, p)) for p in value)
+    )
+
+
+def _size(value: Any) -> bool:
+    """``value`` is ``[w, h]``, positive integers."""
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
