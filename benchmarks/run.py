@@ -32,7 +32,13 @@ import torch
 
 from benchmarks.common import gpu_peak, measured_peak_flops
 
-MODULES = ("bench_correspondence", "bench_segmentation", "bench_kmeans", "bench_dift")
+MODULES = (
+    "bench_correspondence",
+    "bench_segmentation",
+    "bench_kmeans",
+    "bench_dift",
+    "bench_ovseg",
+)
 MARK = "SDZERO-BENCH-ROWS "
 
 

@@ -112,8 +112,8 @@ def test_bank_drops_stuff_classes_own_background_and_filters_the_others():
         3: make_prototypes("dog", [[0.0, 0.0, 1.0]], [[0.99, 0.0, 0.1], [0.0, -1.0, 0.0]]),
     }
     bank = PrototypeBank.build(protos, stuff={1}, stuff_threshold=0.85)
-    assert bank.bg_valid.sum(1).tolist() == [0, 2, 1]
-    assert bank.bg_rows.tolist() == [[-1, -1], [0, 2], [1, -1]]
+    assert bank.bg_counts.tolist() == [0, 2, 1]
+    assert bank.bg_source.tolist() == [0, 2, 1]  # cat's rows 0 and 2, dog's row 1
     # Without stuff classes (VOC) nothing is dropped; threshold 0 switches the filter off.
-    assert PrototypeBank.build(protos).bg_valid.sum(1).tolist() == [2, 3, 2]
-    assert PrototypeBank.build(protos, {1}, 0.0).bg_valid.sum(1).tolist() == [0, 3, 2]
+    assert PrototypeBank.build(protos).bg_counts.tolist() == [2, 3, 2]
+    assert PrototypeBank.build(protos, {1}, 0.0).bg_counts.tolist() == [0, 3, 2]

@@ -5,6 +5,10 @@
   >= 1/C; none -> the 10 most similar; more than 10 -> the 10 most probable of them. Then every
   non-empty subset of the candidates is prompted as "a X and a Y ..." and the subset whose text is
   most similar to the image is kept. Stuff classes never enter the filter and are always kept.
+  Bounded whatever the number of classes: at most ``topk`` (10) candidates, so at most 1,023
+  subset prompts an image (:data:`MAX_CANDIDATES` caps ``topk`` at 4,095 prompts), encoded in
+  batches of :data:`TEXT_BATCH`, and at most :data:`SUBSET_CACHE` subset embeddings kept across
+  images (least recently used first out); the C class prompts are encoded once.
 * Stuff filter (official ``filter_proto_bg2allfg`` in ``ctx_mode``): stuff classes' own background
   prototypes are dropped, and another class's background prototype is dropped when its cosine
   similarity to any stuff-class foreground prototype exceeds a threshold (0.85), per extractor.
@@ -14,6 +18,7 @@ The decisions are plain functions of tensors, so tests can feed constructed simi
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from itertools import combinations
 from typing import Any, Protocol
@@ -25,6 +30,10 @@ from PIL import Image
 from torch import Tensor
 
 from sdzero.segmentation.settings import CLIP_FILTER_DTYPES, OVDIFF
+
+MAX_CANDIDATES = 12  # 2**12 - 1 = 4,095 subset prompts an image at most (official topk 10: 1,023)
+TEXT_BATCH = 256  # prompts per text-encoder call
+SUBSET_CACHE = 16384  # subset-prompt embeddings kept across images (LRU; 512-d: 32 MiB)
 
 
 class ClipClassifier(Protocol):
@@ -57,7 +66,13 @@ def clip_candidates(similarity: Tensor, topk: int = 10) -> list[int]:
 
 
 def subsets(candidates: Sequence[int]) -> list[tuple[int, ...]]:
-    """Every non-empty subset, by size then in combination order (the official powerset order)."""
+    """Every non-empty subset, by size then in combination order (the official powerset order).
+    At most :data:`MAX_CANDIDATES` candidates (2**n - 1 subsets): more is an error, not a hang."""
+    if len(candidates) > MAX_CANDIDATES:
+        raise ValueError(
+            f"{len(candidates)} candidates would make {2 ** len(candidates) - 1} subset prompts; "
+            f"the CLIP filter takes at most {MAX_CANDIDATES}"
+        )
     return [c for r in range(1, len(candidates) + 1) for c in combinations(candidates, r)]
 
 
@@ -116,36 +131,56 @@ class ClipFilter:
     ) -> None:
         if not classes:
             raise ValueError("the CLIP filter needs at least one filterable class")
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+        if len(set(classes.values())) != len(classes):
+            raise ValueError(f"the CLIP filter's class names must be distinct, got {classes}")
+        if not 1 <= topk <= MAX_CANDIDATES:
+            raise ValueError(f"topk must lie in [1, {MAX_CANDIDATES}], got {topk}")
         self.classifier = classifier
         self.labels = list(classes)
         self.names = list(classes.values())
         self.always = sorted(always)
         self.topk = topk
         self.device = device
-        self._text: dict[str, Tensor] = {}
+        self._classes: dict[str, Tensor] = {}  # "a {name}" -> embedding, encoded once
+        self._subsets: OrderedDict[str, Tensor] = OrderedDict()  # LRU of the other subset prompts
 
-    def _encode(self, prompts: list[str]) -> Tensor:
-        # Subset prompts recur across images; each is encoded once.
-        new = [p for p in dict.fromkeys(prompts) if p not in self._text]
+    def _encode_new(self, prompts: list[str]) -> Tensor:
+        """``(P, D)`` float32 CPU embeddings, :data:`TEXT_BATCH` prompts per encoder call."""
+        parts = [
+            self.classifier.encode_text(prompts[i : i + TEXT_BATCH]).float().cpu()
+            for i in range(0, len(prompts), TEXT_BATCH)
+        ]
+        return torch.cat(parts)
+
+    def _encode_subsets(self, prompts: list[str]) -> Tensor:
+        # Subset prompts recur across images: the recent ones are kept, each encoded once; a
+        # one-class subset's prompt is its class prompt.
+        found = {p: self._classes[p] for p in prompts if p in self._classes}
+        found.update((p, self._subsets[p]) for p in prompts if p in self._subsets)
+        new = [p for p in dict.fromkeys(prompts) if p not in found]
         if new:
-            for prompt, emb in zip(
-                new, self.classifier.encode_text(new).float().cpu(), strict=True
-            ):
-                self._text[prompt] = emb
-        return torch.stack([self._text[p] for p in prompts])
+            found.update(zip(new, self._encode_new(new), strict=True))
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self._classes:
+                self._subsets[prompt] = found[prompt]
+                self._subsets.move_to_end(prompt)
+        while len(self._subsets) > SUBSET_CACHE:
+            self._subsets.popitem(last=False)
+        return torch.stack([found[p] for p in prompts])
 
     def __call__(self, image: Tensor) -> list[int]:
         """Sorted label indices kept for ``image`` ``(3, h, w)`` uint8 (working frame)."""
         pixels = clip_input(image).to(self.device)
         embedding = self.classifier.encode_image(pixels).float().cpu()[0]
-        similarity = self._encode([f"a {n}" for n in self.names]) @ embedding
+        if not self._classes:
+            prompts = [f"a {n}" for n in self.names]
+            self._classes = dict(zip(prompts, self._encode_new(prompts), strict=True))
+        similarity = torch.stack(list(self._classes.values())) @ embedding
         options = subsets(clip_candidates(similarity, self.topk))
         prompts = [subset_prompt(self.names, s) for s in options]
         # Officially the subset embeddings (not the class ones) are normalised again in float32,
         # which moves float16-normalised ones by rounding.
-        chosen = best_subset(embedding, F.normalize(self._encode(prompts), dim=-1), options)
+        chosen = best_subset(embedding, F.normalize(self._encode_subsets(prompts), dim=-1), options)
         return sorted({self.labels[i] for i in chosen} | set(self.always))
 
 

@@ -3,14 +3,14 @@
 Frames: the *original* image (the dataset file, ``(H, W)``) and the *working* frame, the original
 LANCZOS-resized to a short side of 448 (official ``predict.py``). Windows, score maps and PAMR live
 in the working frame; the scores are bilinearly upsampled to the output (label) size before the
-argmax. Channels are the label space's classes: the background channel (if the dataset has one)
+argmax. Prototypes are scored by :class:`~sdzero.segmentation.bank.PrototypeBank` (re-exported here). Channels are the label space's classes: the background channel (if the dataset has one)
 scores the background prototypes of the kept classes, every other channel its class's foreground
 prototypes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +21,8 @@ from PIL import Image
 from torch import Tensor
 
 from sdzero.progress import Progress, progress
+from sdzero.segmentation.bank import BankScores, PrototypeBank
 from sdzero.segmentation.features import FeatureExtractor
-from sdzero.segmentation.filters import keep_background
 from sdzero.segmentation.pamr import pamr
 from sdzero.segmentation.settings import OVDIFF
 
@@ -95,124 +95,6 @@ class ScoreAccumulator:
         return self.total / self.count.clamp(min=1)
 
 
-@dataclass
-class PrototypeBank:
-    """One extractor's prototypes of every non-background class, L2-normalised and zero-padded.
-
-    ``classes[i]`` is the label index of row ``i``; ``fg`` ``(C, P, D)`` / ``fg_valid`` ``(C, P)``;
-    ``bg`` ``(C, Q, D)`` / ``bg_valid`` the background prototypes left by the stuff filter, with
-    ``bg_rows`` ``(C, Q)`` their row in the class's :class:`Prototypes` ``bg`` (-1 for padding).
-    """
-
-    extractor: str
-    classes: list[int]
-    fg: Tensor
-    fg_valid: Tensor
-    bg: Tensor
-    bg_valid: Tensor
-    bg_rows: Tensor
-
-    @classmethod
-    def build(
-        cls,
-        prototypes: Mapping[int, Any],
-        stuff: Collection[int] = (),
-        stuff_threshold: float = OVDIFF.stuff_threshold,
-    ) -> PrototypeBank:
-        """From ``{label index: Prototypes}`` of one extractor. Stuff classes' own background
-        prototypes are dropped; the others' go through :func:`keep_background` (``threshold <= 0``
-        switches that off, as the official ``--filter_bg_thres``)."""
-        if not prototypes:
-            raise ValueError("a prototype bank needs the prototypes of at least one class")
-        classes = sorted(prototypes)
-        names = {prototypes[c].extractor for c in classes}
-        dims = {int(prototypes[c].fg.shape[-1]) for c in classes}
-        if len(names) != 1 or len(dims) != 1:
-            raise ValueError(
-                f"one bank holds one extractor's prototypes, got {names} with dims {dims}"
-            )
-        stuff_fg = [prototypes[c].fg for c in classes if c in stuff]
-        stuff_fg = torch.cat(stuff_fg) if stuff_fg else torch.empty(0, dims.pop())
-        bg_rows = []
-        for c in classes:
-            bg = prototypes[c].bg
-            keep = torch.isfinite(bg).all(-1) & ~torch.tensor(c in stuff)
-            if stuff_threshold > 0:
-                keep &= keep_background(bg, stuff_fg, stuff_threshold)
-            bg_rows.append(torch.nonzero(keep).flatten())
-        fg, fg_valid = _pad([prototypes[c].fg for c in classes])
-        bg, bg_valid = _pad([prototypes[c].bg[r] for c, r in zip(classes, bg_rows, strict=True)])
-        rows = torch.full(bg_valid.shape, -1, dtype=torch.long)
-        for i, r in enumerate(bg_rows):
-            rows[i, : len(r)] = r
-        return cls(names.pop(), classes, fg, fg_valid, bg, bg_valid, rows)
-
-    def to(self, device: Any) -> PrototypeBank:
-        tensors = {k: getattr(self, k).to(device) for k in ("fg", "fg_valid", "bg", "bg_valid")}
-        return PrototypeBank(
-            self.extractor, self.classes, **tensors, bg_rows=self.bg_rows.to(device)
-        )
-
-    def score(self, features: Tensor, kept: Sequence[int]) -> BankScores:
-        """Best-prototype cosine similarities of L2-normalised ``features`` ``(B, D, gh, gw)``.
-
-        :param kept: label indices of the classes kept for this image (their FG channels and
-            their BG prototypes take part).
-        """
-        unknown = sorted(set(kept) - set(self.classes))
-        if unknown:
-            raise ValueError(f"classes {unknown} have no {self.extractor!r} prototypes in the bank")
-        rows = torch.tensor([self.classes.index(c) for c in kept], dtype=torch.long)
-        rows = rows.to(self.fg.device)
-        fg_val, fg_arg = _best(features, self.fg[rows], self.fg_valid[rows])
-        # The background channel is one group: every kept class's background prototypes.
-        bg, valid = self.bg[rows].flatten(0, 1)[None], self.bg_valid[rows].flatten()[None]
-        bg_val, flat = _best(features, bg, valid)
-        flat = flat[:, 0].clamp(min=0)
-        owner_of = torch.as_tensor(list(kept), dtype=torch.long, device=flat.device)
-        owner_of = owner_of.repeat_interleave(self.bg.shape[1])
-        proto_of = self.bg_rows[rows].flatten()
-        if not len(proto_of):  # no kept class: nothing owns the (constant -1) background
-            owner_of = proto_of = torch.full((1,), -1, dtype=torch.long, device=flat.device)
-        return BankScores(fg_val, fg_arg, bg_val[:, 0], owner_of[flat], proto_of[flat])
-
-
-@dataclass
-class BankScores:
-    """Per window: FG ``(B, k, gh, gw)`` best similarity and best prototype row of each kept class;
-    background ``(B, gh, gw)`` best similarity, its owner class (label index) and row in its ``bg``."""
-
-    fg: Tensor
-    fg_arg: Tensor
-    bg: Tensor
-    bg_owner: Tensor
-    bg_arg: Tensor
-
-
-def _pad(rows: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """L2-normalised ``(C, P, D)`` zero-padded stack and its validity mask ``(C, P)``."""
-    size = max(len(r) for r in rows)
-    out = torch.zeros(len(rows), size, rows[0].shape[-1])
-    valid = torch.zeros(len(rows), size, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = F.normalize(r.float(), dim=-1, eps=1e-6)
-        valid[i, : len(r)] = True
-    return out, valid
-
-
-def _best(features: Tensor, protos: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Max and argmax over each group's valid prototypes ``(G, P, D)`` of the features
-    ``(B, D, gh, gw)``: ``(B, G, gh, gw)`` each; -1 (value and index) for a group with none."""
-    batch, _, height, width = features.shape
-    shape = (batch, protos.shape[0], height, width)
-    if protos.shape[1] == 0:
-        return features.new_full(shape, -1.0), torch.full(shape, -1, device=features.device)
-    sim = torch.einsum("bdhw,gpd->bgphw", features, protos)
-    best = sim.masked_fill(~valid[None, :, :, None, None], -1.0).max(dim=2)
-    arg = torch.where(valid.any(1)[None, :, None, None], best.indices, -1)
-    return best.values, arg
-
-
 def labels_from_scores(scores: Tensor, size: tuple[int, int], never: int | None = None) -> Tensor:
     """``(K, h, w)`` working-frame scores -> ``(H, W)`` int64 labels at ``size`` ``(H, W)``.
 
@@ -266,6 +148,8 @@ class Segmenter:
     :param window_batch: per extractor, windows whose prepared input has the same shape go through
         it in batches of at most this many (1: one window per forward call); scores are the same
         as one at a time up to float rounding and are accumulated in window order either way.
+    :param score_memory_mb: MiB of prototype similarities held at once per extractor call
+        (:meth:`~sdzero.segmentation.bank.PrototypeBank.score`).
     :param background_prototypes: whether the background channel scores the kept classes'
         background prototypes (official); False: it stays at -1 and the background label is never
         predicted (``method.background=none`` on a benchmark with a background class).
@@ -285,6 +169,7 @@ class Segmenter:
         class_filter: Callable[[Tensor], Collection[int]] | None = None,
         window_batch: int = OVDIFF.window_batch,
         background_prototypes: bool = True,
+        score_memory_mb: float = OVDIFF.score_memory_mb,
         device: Any = "cpu",
     ) -> None:
         if not extractors or len(extractors) != len(banks):
@@ -315,6 +200,7 @@ class Segmenter:
         self.class_filter = class_filter
         self.window_batch = window_batch
         self.background_prototypes = background_prototypes
+        self.score_memory_mb = score_memory_mb
         self.device = torch.device(device)
 
     @torch.no_grad()
@@ -388,7 +274,8 @@ class Segmenter:
                 batch = torch.stack([x for _, x in chunk])
                 features = extractor.window_features(batch, keys).float()
                 features = F.normalize(features, dim=1, eps=1e-6)
-                values, owner, proto = self._channels(bank.score(features, kept), kept)
+                scores = bank.score(features, kept, self.score_memory_mb)
+                values, owner, proto = self._channels(scores, kept)
                 for b, (i, _) in enumerate(chunk):
                     maps[i] = (values[b], owner[b], proto[b])
                 report.advance(len(chunk))

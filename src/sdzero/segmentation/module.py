@@ -234,6 +234,7 @@ class OVDiffModule(EvaluationModule):
             short_side=self.settings.short_side,
             window_batch=self.settings.window_batch,
             background_prototypes=use_background,
+            score_memory_mb=self.settings.score_memory_mb,
             use_pamr=self.settings.pamr,
             class_filter=class_filter,
             device=self.device,

@@ -70,6 +70,9 @@ class OVDiffSettings:
     # windows of one prepared shape per extractor forward call; 1 = one at a time (same scores
     # up to float rounding, less memory)
     window_batch: int = 8
+    # MiB of prototype similarities computed at once (per extractor call): the scoring runs over
+    # blocks of whole classes' prototypes, so 150+ classes stay within memory (same scores)
+    score_memory_mb: int = 256
     pamr: bool = False  # PAMR refinement (10 iterations, dilations 1,2,4,8,12,24); off officially
 
     def __post_init__(self) -> None:
@@ -95,6 +98,7 @@ class OVDiffSettings:
             "short_side": self.short_side,
             "sample_batch": self.sample_batch,
             "window_batch": self.window_batch,
+            "score_memory_mb": self.score_memory_mb,
         }
         for key, value in positive.items():
             if value < 1:
