@@ -60,6 +60,11 @@ class EvaluationModule(pl.LightningModule):
         self._task = task
         self.metric = task.metric  # a child module: moved to the device, synced by Lightning
 
+    def requirements(self) -> list[Any]:
+        """What the method will load besides its config (packages, weights): a list of
+        :class:`~sdzero.requirements.Requirement`, checked before anything loads (none here)."""
+        return []
+
     def make_task(self, datamodule: Any) -> Task:
         """The task scoring this method on ``datamodule`` (cheap: loads no model; a
         :class:`~sdzero.errors.ConfigError` if the datamodule is of the wrong kind)."""

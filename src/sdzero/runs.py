@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from sdzero.callbacks import TaskMetrics, evaluation_callbacks
 from sdzero.config import ConfigError, _check_types, _import, instantiate
+from sdzero.requirements import check_requirements
 from sdzero.run_folder import RunFolder, retire_stale_evaluation
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         datamodule = instantiate(cfg.data, key="data")
         datamodule.setup("test")  # reads and validates the annotation files before any model
         module = build_method(cfg)
+        check_requirements(module.requirements())
         check_trainer(cfg)
         run_dir = folder.create()
         logger = build_logger(cfg, run_dir)
@@ -185,6 +187,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             raise ConfigError(f"data: {type(datamodule).__name__} has no training split")
         datamodule.setup("fit")  # reads every split's files before any model
         module = build_method(cfg)
+        check_requirements(module.requirements())
         check_trainer(cfg, enable_checkpointing=True)
         run_dir = run.create()
         monitor, mode = getattr(module, "monitor", ("val/loss", "min"))

@@ -11,7 +11,7 @@ datamodule's categories.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -117,6 +117,7 @@ class CorrespondenceModule(EvaluationModule):
     """
 
     settings: Any
+    uses_sd: ClassVar[bool] = True  # whether the method loads the backbone group's SD
 
     def __init__(self, backbone: dict[str, Any] | None = None, seed: int = 0) -> None:
         super().__init__()
@@ -125,6 +126,13 @@ class CorrespondenceModule(EvaluationModule):
         self.seed = int(seed)
         self.sd: Any = None
         self.prompt_embeds: dict[str, torch.Tensor] = {}
+
+    def requirements(self) -> list[Any]:
+        """The ``backbone`` group's Stable Diffusion weights, for methods that use it
+        (:attr:`uses_sd`)."""
+        from sdzero.requirements import sd_requirements
+
+        return sd_requirements(self.backbone_cfg) if self.uses_sd else []
 
     def load_sd(self, text_encoder: bool = False) -> Any:
         """The frozen Stable Diffusion of the ``backbone`` group, loaded once (it flags random

@@ -51,10 +51,12 @@ def match_images(
 
     from datamodules.files import load_rgb
     from sdzero.correspondence.base import PairInfo, check_query_points
+    from sdzero.requirements import check_requirements
     from sdzero.runs import build_method
 
     module = build_method(cfg)
     # every input is checked before the model is loaded
+    check_requirements(module.requirements())
     src_img, trg_img = load_rgb(src), load_rgb(trg)
     query = torch.tensor(points, dtype=torch.float32)
     check_query_points(query, src_img.shape[2], src_img.shape[1], f"source image {str(src)!r}")

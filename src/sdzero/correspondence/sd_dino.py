@@ -201,6 +201,15 @@ class SDDINO(FeatureMatching):
         self.settings = build_settings(SDDINOSettings, settings)
         self.dino = None
 
+    def requirements(self) -> list[Any]:
+        """Stable Diffusion and the DINOv2 weights (``method.dino_weights``)."""
+        from sdzero.requirements import vit_requirements
+
+        s = self.settings
+        return super().requirements() + vit_requirements(
+            s.dino_model, s.dino_weights, "method.dino_weights"
+        )
+
     def setup(self, stage: str) -> None:
         """Build the task (under a Trainer), load both backbones and check that their grids agree."""
         super().setup(stage)

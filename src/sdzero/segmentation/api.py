@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from sdzero.config import compose
 from sdzero.errors import InputError
 from sdzero.records import write_bytes_atomic
+from sdzero.requirements import check_requirements
 from sdzero.runs import build_method
 from sdzero.segmentation.explain import explain_pixel, render_explanation
 from sdzero.segmentation.module import OVDiffModule
@@ -51,6 +52,7 @@ def compose_method(overrides: Sequence[str] = ()) -> DictConfig:
 def load_method(cfg: DictConfig, **method_overrides: Any) -> OVDiffModule:
     """The OVDiff module of ``cfg`` (no run folder), on the GPU when the trainer config allows one."""
     module = build_method(cfg, **method_overrides)
+    check_requirements(module.requirements())  # weights, packages: before anything loads
     gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     return module.to("cuda" if gpu else "cpu")
 

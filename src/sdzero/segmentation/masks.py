@@ -240,24 +240,38 @@ _CUTLER_HELP = (
 )
 
 
+def cutler_missing(
+    cutler_root: str | None = None, weights: str | None = None
+) -> tuple[type[Exception], str] | None:
+    """What the ``cutler`` proposer lacks (detectron2, the CutLER code, its weights; the folders
+    default to ``SDZERO_CUTLER_ROOT`` / ``SDZERO_CUTLER_WEIGHTS``) as ``(error class, reason)``,
+    or None; checked without importing anything."""
+    import importlib.util
+
+    root = cutler_root or os.environ.get("SDZERO_CUTLER_ROOT")
+    weights = weights or os.environ.get("SDZERO_CUTLER_WEIGHTS")
+    if importlib.util.find_spec("detectron2") is None:
+        return MissingDependencyError, "detectron2 is not installed"
+    if not root or not (Path(root) / "config" / "cutler_config.py").is_file():
+        return MissingFileError, f"CutLER code not found at cutler_root={root!r}"
+    if not weights or not Path(weights).is_file():
+        return MissingFileError, f"CutLER weights not found at {weights!r}"
+    return None
+
+
 def _load_cutler(
     cutler_root: str | None, weights: str | None, config: str | None, device: str
 ) -> CutlerInstances:
     """The CutLER model of the official ``utils/cutler.py`` (CutLER's own ``build_model``, whose
     registries hold its cascade heads), wrapped as :class:`CutlerInstances`."""
-    import importlib.util
     import sys
 
+    missing = cutler_missing(cutler_root, weights)
+    if missing is not None:
+        error, reason = missing
+        raise error(f"method.mask_proposer=cutler: {reason}.\n{_CUTLER_HELP}")
     root = cutler_root or os.environ.get("SDZERO_CUTLER_ROOT")
     weights = weights or os.environ.get("SDZERO_CUTLER_WEIGHTS")
-    if importlib.util.find_spec("detectron2") is None:
-        raise MissingDependencyError(
-            f"method.mask_proposer=cutler: detectron2 is not installed.\n{_CUTLER_HELP}"
-        )
-    if not root or not (Path(root) / "config" / "cutler_config.py").is_file():
-        raise MissingFileError(f"CutLER code not found at cutler_root={root!r}.\n{_CUTLER_HELP}")
-    if not weights or not Path(weights).is_file():
-        raise MissingFileError(f"CutLER weights not found at {weights!r}.\n{_CUTLER_HELP}")
     config = config or str(
         Path(root) / "model_zoo" / "configs" / "CutLER-ImageNet" / "cascade_mask_rcnn_R_50_FPN.yaml"
     )

@@ -67,6 +67,33 @@ class OVDiffModule(EvaluationModule):
         self._extractors: list[Any] | None = None
 
     # ------------------------------------------------------------------------ preparation
+    def requirements(self) -> list[Any]:
+        """What OVDiff loads: Stable Diffusion (for the ``sd`` extractor or support sampling),
+        the DINO/CLIP extractors' and the CLIP filter's weights, CutLER for ``cutler`` masks."""
+        from sdzero.requirements import Requirement, sd_requirements, vit_requirements
+        from sdzero.segmentation.features import VIT_MODELS
+        from sdzero.segmentation.masks import cutler_missing
+
+        s = self.settings
+        needs = []
+        if "sd" in s.extractors or s.support_folder is None:
+            needs += sd_requirements(self.backbone)
+        for name in s.extractors:
+            kind, _, variant = name.partition(":")
+            if kind in VIT_MODELS:
+                vit = variant or VIT_MODELS[kind]
+                needs += vit_requirements(vit, s.vit_weights, "method.extractors")
+        if s.clip_filter:
+            off = "method.clip_filter=false"
+            needs += vit_requirements(s.clip_model, s.vit_weights, "method.clip_filter", off)
+        missing = cutler_missing() if s.mask_proposer == "cutler" else None
+        if missing is not None:
+            what = "CutLER (detectron2, its code and weights: see the README)"
+            off = "method.mask_proposer=attention"
+            package = issubclass(missing[0], ImportError)
+            needs.append(Requirement("method.mask_proposer", what, off, missing[1], None, package))
+        return needs
+
     def cache_root(self) -> Path:
         """Where prototypes (and generated support sets) are cached."""
         if self.settings.prototype_cache == "run":
