@@ -188,6 +188,10 @@ PACKAGE = {
 
         class Method:
             settings_class = Computed
+
+        class Conditional:
+            if True:
+                settings_class = Computed
         """,
 }
 
@@ -228,6 +232,8 @@ def test_source_schema_follows_bases_imports_and_dataclass_field_order(fakeproj)
 def test_source_schema_gives_up_on_what_it_cannot_read(fakeproj):
     with pytest.raises(Unresolved, match="computed default"):
         source_schema("fakeproj.computed.Method")
+    with pytest.raises(Unresolved, match="not a plain class attribute"):
+        source_schema("fakeproj.computed.Conditional")
     with pytest.raises(Unresolved):
         source_schema("fakeproj.methods.Missing")
     with pytest.raises(Unresolved):

@@ -66,6 +66,8 @@ def _resolve(module: str, expr: ast.expr) -> _Class | None:
     """The project class ``expr`` names in ``module``; None for a class outside the project."""
     if isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name):
         for node in _tree(module).body:  # `import a.b as m` or `from a import b as m`; `m.Name`
+            if isinstance(node, ast.ImportFrom) and node.level:
+                continue  # the project imports absolutely; a relative one is not followed
             if isinstance(node, ast.Import | ast.ImportFrom):
                 prefix = f"{node.module}." if isinstance(node, ast.ImportFrom) else ""
                 for alias in node.names:
@@ -123,6 +125,8 @@ def _settings_expr(cls: _Class) -> ast.expr | None:
             and node.target.id == "settings_class"
         ):
             return node.value
+    if any(isinstance(n, ast.Name) and n.id == "settings_class" for n in ast.walk(cls.node)):
+        raise Unresolved(f"{cls.node.name}: settings_class is not a plain class attribute")
     return None
 
 
@@ -157,12 +161,12 @@ def _fields(cls: _Class) -> tuple[dict[str, Any], dict[str, Any]]:
                 raise Unresolved(f"{klass.node.name}.{node.target.id} has no default")
             try:
                 default = ast.literal_eval(node.value)
-            except ValueError:
+            except (ValueError, TypeError):
                 raise Unresolved(f"{klass.node.name}.{node.target.id}: computed default") from None
             name = node.target.id
             defaults[name] = _plain(default)
             hints.pop(name, None)
-            with contextlib.suppress(NameError, TypeError, SyntaxError):  # else checked later
+            with contextlib.suppress(NameError, AttributeError, TypeError):  # else checked later
                 hint = eval(annotation, {"__builtins__": {}, "None": None}, _HINT_NAMES)
                 if not isinstance(hint, str):  # a quoted annotation is checked later too
                     hints[name] = hint
