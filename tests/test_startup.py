@@ -75,6 +75,8 @@ def test_help_version_and_config_errors_load_no_heavy_library(tmp_path):
         ["eval", "no_such_experiment"],
         ["config", "demo_correspondence", "data=no_such_data"],
         ["match", "a.png", "b.png", "--points", "1,2", "method.stepz=1"],
+        ["segment", "a.png", "--classes", "cat", "method.kmeans_kk=1"],
+        ["prototypes", "build", "--out", "p", "--classes", "cat", "method.kmeans_kk=1"],
     ]
     report = _probe(commands)
     assert [r[0] for r in report] == commands

@@ -10,21 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig
 
 from sdzero.config import compose
 from sdzero.errors import InputError
 from sdzero.records import write_bytes_atomic
 from sdzero.requirements import check_requirements
-from sdzero.runs import build_method
-from sdzero.segmentation.explain import explain_pixel, render_explanation
-from sdzero.segmentation.module import OVDiffModule
-from sdzero.tasks.label_viz import draw_overlay
-from sdzero.tasks.segmentation import png_bytes
-from sdzero.tasks.viz import png, stamp_random_weights
+
+if TYPE_CHECKING:  # torch and the method load once the config is known to be valid
+    from sdzero.segmentation.module import OVDiffModule
 
 # The data group is unused here; the synthetic one is chosen because it needs no dataset path.
 BASE_OVERRIDES = ("backbone=sd15", "method=ovdiff", "data=synthetic_segmentation", "logger=none")
@@ -51,6 +47,10 @@ def compose_method(overrides: Sequence[str] = ()) -> DictConfig:
 
 def load_method(cfg: DictConfig, **method_overrides: Any) -> OVDiffModule:
     """The OVDiff module of ``cfg`` (no run folder), on the GPU when the trainer config allows one."""
+    import torch
+
+    from sdzero.runs import build_method
+
     module = build_method(cfg, **method_overrides)
     check_requirements(module.requirements())  # weights, packages: before anything loads
     gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -91,13 +91,20 @@ def segment_file(
     :param explain: write the explanation PNG of ``pixel`` ``(x, y)`` (original pixels) there.
     :returns: a JSON-able summary: classes, kept classes, pixel share per class, explanation.
     """
-    from datamodules.files import load_rgb
-
     names = check_classes(classes)
     if explain is not None and pixel is None:
         raise InputError(
             "--explain needs --pixel X,Y (the pixel to explain, original-image pixels)"
         )
+    cfg = compose_method(overrides)  # config errors before torch loads
+    import torch
+
+    from datamodules.files import load_rgb
+    from sdzero.segmentation.explain import explain_pixel, render_explanation
+    from sdzero.tasks.label_viz import draw_overlay
+    from sdzero.tasks.segmentation import png_bytes
+    from sdzero.tasks.viz import png, stamp_random_weights
+
     pixels = load_rgb(image)
     if pixel is not None and not (
         0 <= pixel[0] < pixels.shape[2] and 0 <= pixel[1] < pixels.shape[1]
@@ -106,7 +113,7 @@ def segment_file(
             f"--pixel {pixel} lies outside the {pixels.shape[2]}x{pixels.shape[1]} (w x h) image "
             f"{str(image)!r}"
         )
-    module = load_method(compose_method(overrides))
+    module = load_method(cfg)
     labels_names = ["background", *names]
     segmenter = module.prepare(labels_names, background_index=0)
     seg = segmenter(pixels, explain=explain is not None)
