@@ -21,6 +21,7 @@ LOWER_BOUNDS = {  # integer keys and their smallest valid value
     "token": 0,
     "batch_size": 0,
     "early_stop_patience": 0,
+    "prefetch_batch": 0,
 }
 
 
@@ -50,7 +51,8 @@ class FitConfig:
     batch_size: int = 5  # (query, embedding) items per UNet call (bounds memory); 0 = all of a pair
     truncate: bool = True  # stop the UNet after the last read layer (exact: same maps, same grads)
     cache_latents: bool = True  # encode each distinct crop of an image once (exact)
-    channels_last: bool = True  # convolutions in NHWC memory format (exact up to float rounding)
+    channels_last: bool = False  # NHWC convolutions (exact to rounding; not faster on AVX2 CPUs)
+    prefetch_batch: int = 0  # > 0: a pair's fit crops encoded up front, this many a VAE call
     # Options beyond exact, off by default (their measured effects: README, "Speed options"):
     autocast: str | None = None  # "bf16" | "fp16" (GPU): UNet and VAE under torch.autocast
     checkpointing: bool = False  # gradient checkpointing: less memory, one more partial forward

@@ -14,11 +14,11 @@ embeddings, applies a spatial softmax per layer, averages the layers and takes t
 
 All (query, embedding) items are batched through the UNet; each item has its own random generator and
 its own loss term (losses are summed, never averaged across items), so batching changes nothing but
-speed. The other exact levers: the UNet stops after the last read layer (``truncate``) and each
-distinct crop of an image is VAE-encoded once per pair (:class:`LatentCache`). Options beyond exact,
-off by default: ``autocast`` (bf16/fp16), ``checkpointing``, ``shared_crop`` (one crop per step for
-the restarts of a query point), early stopping (:class:`EarlyStop`) and ``flip_target``
-(:meth:`PromptCorrespondence.match`: a cheap answer to symmetric objects).
+speed. The other exact levers: the UNet stops after the last read layer (``truncate``), each
+distinct crop of an image is VAE-encoded once per pair (:class:`LatentCache`), up front in batches
+with ``prefetch_batch`` (:mod:`.crop_plan`). Options beyond exact, off by default: ``autocast``,
+``crop_encoder`` (:mod:`.crop_encoder`), ``checkpointing``, ``shared_crop`` (one crop per step for
+the restarts of a point), early stopping (:class:`EarlyStop`) and ``flip_target``.
 :meth:`PromptCorrespondence.step_maps` and :meth:`PromptCorrespondence.readout` take crops and
 noise as arguments so another implementation can be fed identical inputs and compared.
 """
@@ -26,6 +26,7 @@ noise as arguments so another implementation can be fed identical inputs and com
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 
 from sdzero.backbones.attention import AttentionCapture, resolve_layers
 from sdzero.backbones.sd import sample_noise
+from sdzero.correspondence.crop_encoder import CropEncoder, crop_encoder
+from sdzero.correspondence.crop_plan import fit_boxes
 from sdzero.correspondence.crops import (
     corner_crops,
     crop_size,
@@ -110,11 +113,15 @@ class PromptCorrespondence:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    @functools.cached_property
+    def crop_encoder(self) -> CropEncoder:
+        """Crops ``(B, 3, S, S)`` in [0, 1] -> latents (``method.crop_encoder``; VAE: exact)."""
+        return crop_encoder(self.sd, self.cfg)
+
     def encode_crops(self, images: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
-        """VAE latents ``(B, 4, S/8, S/8)`` of the crops (posterior mean), no gradient."""
+        """Latents ``(B, 4, S/8, S/8)`` of the crops (:attr:`crop_encoder`), no gradient."""
         with torch.no_grad(), self.autocast():
-            crops = cut_and_resize(images, list(boxes), self.size)
-            return self.sd.encode_images(crops.to(self.device, self.sd.vae.dtype))
+            return self.crop_encoder(cut_and_resize(images, list(boxes), self.size))
 
     def latent_cache(self, image: torch.Tensor) -> LatentCache:
         """A :class:`LatentCache` of crops of ``image`` ``(1, 3, S, S)``."""
@@ -364,6 +371,11 @@ class PromptCorrespondence:
         items = [(p, j) for p in range(n) for j in range(e)]
         chunk = self.cfg.batch_size or len(items)
         src_latents, trg_latents = self.latent_cache(source), self.latent_cache(target)
+        if self.cfg.prefetch_batch:  # exact: the crops the fit will draw, encoded up front
+            owner = [p for p, _ in items]
+            gens = [item_generator(seed, index, p, j) for p, j in items]
+            boxes = fit_boxes(self, points[owner].float(), gens, owner)
+            src_latents.prefetch(boxes, self.cfg.prefetch_batch)
         flip = self.cfg.flip_target
         mirrored = target.flip(-1) if flip else None
         mirrored_latents = self.latent_cache(mirrored) if flip else None

@@ -38,3 +38,16 @@ class LatentCache:
         self.misses += len(missing)
         self.hits += len(boxes) - len(missing)
         return torch.stack([self.store[b] for b in boxes])
+
+    def prefetch(self, boxes: Sequence[Box], batch: int) -> None:
+        """Encode the distinct boxes not yet stored, ``batch`` per encoder call, ahead of their
+        use (a pair's optimisation crops: :func:`~sdzero.correspondence.crop_plan.fit_boxes`).
+        Exact: the same latents as encoding them when asked (up to float rounding)."""
+        if not self.enabled:
+            raise ValueError("prefetching needs the cache (method.cache_latents=true)")
+        missing = list(dict.fromkeys(b for b in boxes if b not in self.store))
+        for start in range(0, len(missing), batch):
+            part = missing[start : start + batch]
+            for box, latent in zip(part, self.encode(part), strict=True):
+                self.store[box] = latent
+        self.misses += len(missing)

@@ -8,12 +8,23 @@ from typing import Any
 import torch
 
 from sdzero.backbones.architectures import check_attention_choice
+from sdzero.backbones.tiny_autoencoder import load_tiny_autoencoder
 from sdzero.correspondence.base import CorrespondenceModule, PairInfo, ScoringSettings
+from sdzero.correspondence.crop_encoder import TinyCrops
 from sdzero.correspondence.fit_config import FitConfig
 from sdzero.correspondence.fitting import PromptCorrespondence
 from sdzero.errors import ConfigError
 from sdzero.evaluation import SmokeTest
 from sdzero.settings import build_settings
+
+
+def prepare_backbone(sd: Any, cfg: FitConfig) -> Any:
+    """Put ``sd`` in the memory format ``cfg.channels_last`` asks for: 4-D weights NHWC (the
+    convolutions then run on NHWC activations) or NCHW. The same values, so results agree to
+    float rounding; which is faster depends on the shapes and the device (README). Returns
+    ``sd``."""
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return sd.to(memory_format=fmt)
 
 
 @dataclass(frozen=True)
@@ -56,11 +67,15 @@ class PromptCorrespondenceModule(CorrespondenceModule):
         """Build the task (under a Trainer) and load the backbone."""
         super().setup(stage)
         if self.method is None:
-            sd = self.load_sd()
+            sd = prepare_backbone(self.load_sd(), self.settings)
             try:
                 self.method = PromptCorrespondence(sd, self.settings)
             except ValueError as err:  # layer paths or indices this (unnamed) UNet lacks
                 raise ConfigError(f"method.layers={list(self.settings.layers)}: {err}") from err
+            if self.settings.crop_encoder == "taesd":  # loaded now, registered to move with us
+                self.taesd = load_tiny_autoencoder(self.settings.taesd_weights)
+                self.random_weights |= self.taesd.random_weights
+                self.method.crop_encoder = TinyCrops(sd, self.taesd)
 
     def match(
         self, src: torch.Tensor, trg: torch.Tensor, points: torch.Tensor, pair: PairInfo
