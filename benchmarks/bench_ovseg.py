@@ -10,6 +10,8 @@ the runner's peak memory of the job (which on CPU includes the random SD 1.5 wei
 note gives the prototype matrices' size, the largest similarity block and what scoring all rows at
 once would hold. Row ``clip-filter``: the CLIP filter's per-image time at 150 classes (random
 ViT-B/16 text and image towers): 1,023 subset prompts at most, encoded once across images.
+``seg-build-flops``: the FLOPs of one class's prototypes at the official setting (meta tensors)
+and the time they would take on an H200 at 40% of its bf16 peak, scaled to ovseg8's class names.
 
 ``quick=True``: the ``tiny`` architecture and tiny ViTs on a 96x128 image, seconds.
 """
@@ -140,9 +142,66 @@ def job_clip_filter(device: str, quick: bool = False) -> list[Row]:
     ]
 
 
+OVSEG8_NAMES = 272  # distinct prompt names over the eight benchmarks (tests/test_suite.py)
+BUILD_IMAGES, BUILD_STEPS, BUILD_SIZE = 32, 30, 512  # the official support sets (CFG: 2 passes)
+GPU_SHARE = 0.4  # of the datasheet dense bf16 peak, the share the estimate assumes
+
+
+def job_build_flops(device: str, quick: bool = False) -> list[Row]:
+    """FLOPs of building one class's prototypes at the official setting, counted on meta tensors
+    (no arithmetic runs): sampling (images x steps x 2 UNet passes, CFG), VAE decodes, the SD
+    features (VAE encode + a full UNet pass: an upper bound of the truncated one), DINO ViT-B/8
+    and a ViT-B/16 (CLIP's shape) at 512²; CutLER and k-means are left out (small). The row's
+    seconds are the FLOPs at ``GPU_SHARE`` of an H200's dense bf16 peak: an estimate, not a
+    measurement; the note scales it to the ovseg8 suite's distinct class names."""
+    import timm
+
+    from benchmarks.common import GPU_PEAKS, count_flops
+    from sdzero.backbones.sd import load_stable_diffusion
+
+    arch, size = ("tiny", 64) if quick else ("sd15", BUILD_SIZE)
+    sd = load_stable_diffusion(None, arch, device="meta")
+    latent = torch.zeros(2, 4, size // 8, size // 8, device="meta")
+    context = torch.zeros(2, 77, sd.unet.config.cross_attention_dim, device="meta")
+    pixels = torch.zeros(1, 3, size, size, device="meta")
+    with torch.no_grad():
+        unet = count_flops(lambda: sd.unet(latent, torch.tensor(200), context).sample) / 2
+        decode = count_flops(lambda: sd.vae.decode(latent[:1]).sample)
+        encode = count_flops(lambda: sd.vae.encode(pixels).latent_dist.mean)
+        vits = {}
+        for name, arch_name in (("dino", "vit_base_patch8_224"), ("clip", "vit_base_patch16_224")):
+            with torch.device("meta"):
+                model = timm.create_model(arch_name, img_size=size, num_classes=0)
+            vits[name] = count_flops(lambda m=model: m(pixels))
+    parts = {
+        "sampling": BUILD_IMAGES * BUILD_STEPS * 2 * unet,
+        "vae decode": BUILD_IMAGES * decode,
+        "sd features": BUILD_IMAGES * (encode + unet),
+        "dino": BUILD_IMAGES * vits["dino"],
+        "clip": BUILD_IMAGES * vits["clip"],
+    }
+    total = sum(parts.values())
+    seconds = total / (GPU_SHARE * GPU_PEAKS["H200"][2])
+    breakdown = ", ".join(f"{k} {v / 1e12:.0f}" for k, v in parts.items())
+    return [
+        Row(
+            "segmentation",
+            f"prototype build per class ({BUILD_IMAGES} images x {BUILD_STEPS} steps, CFG, "
+            f"{size}², {arch})",
+            f"estimate at {GPU_SHARE:.0%} of H200 bf16 peak",
+            seconds,
+            total,
+            f"TFLOP: {breakdown}; per pass: UNet {unet / 1e12:.2f}, VAE decode "
+            f"{decode / 1e12:.2f}, encode {encode / 1e12:.2f}; ovseg8's {OVSEG8_NAMES} class "
+            f"names: {OVSEG8_NAMES * seconds / 60:.0f} min",
+        )
+    ]
+
+
 def jobs(quick: bool) -> dict[str, Callable[[str], list[Row]]]:
     """Runner jobs: name -> function of the device string returning table rows."""
     return {
         "seg-150": lambda device: job_many_classes(device, quick),
         "seg-150-clip-filter": lambda device: job_clip_filter(device, quick),
+        "seg-build-flops": lambda device: job_build_flops(device, quick),
     }

@@ -130,7 +130,7 @@ class PrototypeBank:
         if unknown:
             raise ValueError(f"classes {unknown} have no {self.extractor!r} prototypes in the bank")
         batch, _, height, width = features.shape
-        flat = features.flatten(2).transpose(1, 2)  # (B, hw, D)
+        flat = features.flatten(2)  # (B, D, hw): rows @ flat needs no copy of the features
         budget = rows_per_chunk(memory_mb, batch * height * width)
         positions = [self.classes.index(c) for c in kept]
         fg_val, fg_arg = self._best_per_class(flat, positions, budget)
@@ -153,15 +153,15 @@ class PrototypeBank:
         self, flat: Tensor, positions: Sequence[int], budget: int
     ) -> tuple[Tensor, Tensor]:
         """``(B, k, hw)`` max and argmax (row in the class's ``fg``) over each kept class's rows."""
-        batch, cells, _ = flat.shape
+        batch, _, cells = flat.shape
         values = flat.new_full((batch, len(positions), cells), -1.0)
         args = torch.full(values.shape, -1, dtype=torch.long, device=flat.device)
         for block in _blocks([self._span(self.fg_start, p) for p in positions], budget):
             rows = torch.cat([torch.arange(a, b) for _, (a, b) in block]).to(flat.device)
-            sim = flat @ self.fg[rows].T  # (B, hw, rows of the block)
+            sim = self.fg[rows] @ flat  # (B, rows of the block, hw)
             offset = 0
             for j, (a, b) in block:
-                best = sim[..., offset : offset + b - a].max(dim=-1)
+                best = sim[:, offset : offset + b - a].max(dim=1)
                 values[:, j] = best.values
                 args[:, j] = self.fg_source[a + best.indices]
                 offset += b - a
@@ -172,7 +172,7 @@ class PrototypeBank:
     ) -> tuple[Tensor, Tensor]:
         """``(B, hw)`` max over the background rows of every kept class (one group) and the
         winning row of ``bg`` (-1 where there is none)."""
-        batch, cells, _ = flat.shape
+        batch, _, cells = flat.shape
         spans = [self._span(self.bg_start, p) for p in positions]
         rows = torch.cat([torch.arange(a, b) for a, b in spans] or [torch.zeros(0)]).long()
         rows = rows.to(flat.device)
@@ -180,7 +180,7 @@ class PrototypeBank:
         arg = torch.full((batch, cells), -1, dtype=torch.long, device=flat.device)
         for start in range(0, len(rows), budget):
             chunk = rows[start : start + budget]
-            found = (flat @ self.bg[chunk].T).max(dim=-1)
+            found = (self.bg[chunk] @ flat).max(dim=1)
             better = found.values > best
             if start == 0:  # every value beats the -1 start, even a cosine of -1
                 better = torch.ones_like(better)
