@@ -6,18 +6,26 @@ Jobs (see ``benchmarks/run.py``):
 - ``corr-<mode>-<px>``: one optimisation step for 1 embedding and for the 5 restarts of a query
   point batched (each = VAE encode of the crops + noised UNet forward to the read layers +
   backward + Adam), one inference pass (one crop), one VAE encode; then the time per query point
-  at the official defaults (129 steps x 5 restarts + 20 crops x 5 restarts). Modes: ``reference``
-  (full UNet, every crop encoded: the straightforward path), ``exact`` (the defaults: truncated UNet,
-  latent cache), ``bf16`` / ``fp16`` (autocast), ``checkpointing``.
+  at the official defaults (129 steps x 5 restarts + 20 crops x 5 restarts) and per pair of
+  SPair-71k's real points per pair (``corr_pairs``). Modes: ``reference`` (full UNet, every crop
+  encoded: the straightforward path), ``exact`` (the defaults: truncated UNet, latent cache),
+  ``channels-last`` (exact with NHWC convolutions), ``prefetch`` (exact, VAE calls of 8 crops:
+  the encode timed at that batch), ``bf16`` / ``fp16`` (autocast), ``checkpointing``,
+  ``vae-bf16`` and ``taesd`` (the crop encoder options; TAESD with random weights: seconds only).
 - ``corr-effect``: every option against exact mode on synthetic pairs with known answers.
+- ``corr-vs-official``: the official code in its own stack beside sdzero, one run
+  (``reference/ldm/side_by_side.py``; opt-in with ``SDZERO_LDM_PYTHON``).
 
 Per query point, the VAE encodes are counted by replaying the real crop draws of a query point at
 the image centre through the latent cache (no sharing with other query points of the pair assumed,
-so the figure is conservative); the rest of a step is its measured time minus its encodes.
+so the figure is conservative); per pair, the distinct crops of each pair's real draws
+(``corr_pairs.recorded_work`` at 512 px). The rest of a step is its measured time minus its
+encodes.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,19 +33,26 @@ from functools import partial
 
 import torch
 
+from benchmarks import corr_pairs
 from benchmarks.common import Row, count_flops, synchronize, timed
+from benchmarks.corr_pairs import CROPS, RESTARTS, STEPS
 from sdzero.backbones.sd import load_stable_diffusion
 from sdzero.correspondence.fit_config import FitConfig
 from sdzero.correspondence.fitting import PromptCorrespondence, item_generator
+from sdzero.correspondence.module import prepare_backbone
 
-STEPS, RESTARTS, CROPS = 129, 5, 20  # the official defaults
 MODES = {
     "reference": dict(truncate=False, cache_latents=False),
     "exact": {},
+    "channels-last": dict(channels_last=True),
+    "prefetch": dict(prefetch_batch=8),
     "bf16": dict(autocast="bf16"),
     "fp16": dict(autocast="fp16"),
     "checkpointing": dict(checkpointing=True),
+    "vae-bf16": dict(crop_encoder="vae_bf16"),
+    "taesd": dict(crop_encoder="taesd", taesd_weights=None),
 }
+PAIRS_OFF_512 = 12  # pairs replayed for the per-pair row at other sizes (a few seconds)
 
 
 def _distinct_crops(pc: PromptCorrespondence, point: tuple[float, float], shared: bool) -> tuple:
@@ -53,12 +68,18 @@ def _distinct_crops(pc: PromptCorrespondence, point: tuple[float, float], shared
 def measure(size: int, mode: str, device: str, arch: str, repeats: int = 1) -> list[Row]:
     """The component timings of one mode at one resolution, and the per-query-point total."""
     sd = load_stable_diffusion(None, arch, device=device)
+    prepare_backbone(sd, FitConfig(**MODES[mode]))
     image = torch.rand(1, 3, size, size, device=device)
     rows = []
     unit = f"{size} px"
+    encoder = None  # one crop encoder for every PromptCorrespondence (TAESD loads once)
 
     def pc_for(**kw) -> PromptCorrespondence:
-        return PromptCorrespondence(sd, FitConfig(image_size=size, **MODES[mode], **kw))
+        nonlocal encoder
+        pc = PromptCorrespondence(sd, FitConfig(image_size=size, **MODES[mode], **kw))
+        encoder = encoder or pc.crop_encoder
+        pc.crop_encoder = encoder
+        return pc
 
     def step(b: int, shared: bool = False) -> None:
         pc = pc_for(steps=1, num_embeddings=b, shared_crop=shared)
@@ -123,7 +144,51 @@ def measure(size: int, mode: str, device: str, arch: str, repeats: int = 1) -> l
                 f"{n_opt + n_inf} VAE encodes (of {(STEPS + CROPS) * RESTARTS})",
             )
         )
+    unet_point = RESTARTS * (STEPS * (t_step5 - RESTARTS * t_vae) + CROPS * (t_pass5 - t_vae))
+    t_encode = t_vae  # per crop, as a pair encodes them: one call per step, or up front
+    if pc.cfg.prefetch_batch:
+        boxes = [(k, k, pc.crop) for k in range(pc.cfg.prefetch_batch)]
+        t_encode = timed(lambda: pc.encode_crops(image, boxes), device, repeats) / len(boxes)
+        rows.append(
+            Row(
+                "correspondence",
+                f"VAE encode, {len(boxes)} crops in one call, {unit}",
+                mode,
+                t_encode * len(boxes),
+                flops_vae * len(boxes),
+                f"{t_encode:.2f} s per crop",
+            )
+        )
+    rows.append(_pair_row(pc, unit, mode, unet_point / RESTARTS, t_encode, flops_unet, flops_vae))
     return rows
+
+
+def _pair_row(pc, unit, mode, unet_point, t_vae, flops_point, flops_vae) -> Row:
+    """Seconds per pair over SPair's real points per pair: each point's UNet work (restarts
+    batched) plus the pair's distinct encodes (every crop without the latent cache)."""
+    if pc.size == 512:
+        work, which = corr_pairs.recorded_work(), "the 360 SPair test pairs"
+    else:
+        pairs = corr_pairs.load_pairs(pc.size)[:PAIRS_OFF_512]
+        work, which = corr_pairs.pair_work(pc, pairs), f"{len(pairs)} of the 360 SPair test pairs"
+    if not pc.cfg.cache_latents:
+        work = corr_pairs.PairWork(
+            work.points, [n * (STEPS + CROPS) * RESTARTS for n in work.points]
+        )
+    seconds = work.seconds(RESTARTS * unet_point, t_vae)
+    n = len(seconds)
+    flops = [
+        k * flops_point + e * flops_vae for k, e in zip(work.points, work.encodes, strict=True)
+    ]
+    return Row(
+        "correspondence",
+        f"per pair, SPair test points, {unit}",
+        mode,
+        sum(seconds) / n,
+        sum(flops) / n,
+        f"{sum(seconds) / n / 3600:.2f} h; {which}, {sum(work.points) / n:.2f} points and "
+        f"{sum(work.encodes) / n:.0f} VAE encodes a pair",
+    )
 
 
 def effect(device: str, quick: bool) -> list[Row]:
@@ -141,6 +206,10 @@ def effect(device: str, quick: bool) -> list[Row]:
         "shared crop": dict(shared_crop=True),
         "early stop (patience 8)": dict(early_stop_patience=8, early_stop_delta=0.02),
         "early stop (patience 25)": dict(early_stop_patience=25, early_stop_delta=0.02),
+        "channels-last": dict(channels_last=True),
+        "prefetch": dict(prefetch_batch=8),
+        "crop encoder vae_bf16": dict(crop_encoder="vae_bf16"),
+        "crop encoder taesd (random weights)": dict(crop_encoder="taesd", taesd_weights=None),
     }
     if device.startswith("cuda"):
         options["fp16"] = dict(autocast="fp16")
@@ -207,7 +276,23 @@ def jobs(quick: bool) -> dict[str, Callable[[str], list[Row]]]:
         for mode in MODES:
             out[f"corr-{mode}-{size}"] = partial(_timing_job, size, mode, arch)
     out["corr-effect"] = partial(effect, quick=quick)
+    out["corr-vs-official"] = partial(vs_official, quick=quick)
     return out
+
+
+def vs_official(device: str, quick: bool) -> list[Row]:
+    """The ``corr-vs-official`` job (``reference/ldm/side_by_side.py``); ``quick``: the tiny
+    architecture (still 512 px: the official code hard-codes it), one call of each kind."""
+    from benchmarks.reference.ldm import side_by_side as side
+
+    env = side.settings()
+    reason = side.skip_reason(env, device)
+    if reason:
+        print(f"[bench] corr-vs-official skipped: {reason}", file=sys.stderr)
+        return [Row(side.SECTION, "side-by-side timing", "skipped", float("nan"), note=reason)]
+    results = side.run_rounds(env, quick, repeats=1 if quick else 2)
+    work = corr_pairs.recorded_work()
+    return side.rows(results, work, results["flops"])
 
 
 def _timing_job(size: int, mode: str, arch: str, device: str) -> list[Row]:
