@@ -45,6 +45,7 @@ METHOD_CLIS = (
     "sdzero.segmentation.cli",
     "sdzero.report",
     "sdzero.cache_cli",
+    "sdzero.suite",
 )
 
 

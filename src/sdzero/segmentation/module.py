@@ -191,6 +191,30 @@ class OVDiffModule(EvaluationModule):
         trainer = self._trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
+    def prototype_names(
+        self,
+        prompt_names: Sequence[str],
+        background_index: int | None,
+        synonyms: Sequence[Sequence[str]] | None = None,
+    ) -> dict[int, tuple[str, ...]]:
+        """``{label index: prompt names}`` of every class but the background: the names whose
+        prototypes score it (``method.synonyms``)."""
+        classes = [i for i in range(len(prompt_names)) if i != background_index]
+        try:
+            return class_prompts(prompt_names, synonyms, self.settings.synonyms, classes)
+        except ValueError as err:
+            raise ConfigError(f"method.synonyms={self.settings.synonyms}: {err}") from err
+
+    def prototype_sets(self, datamodule: Any) -> list[tuple[str, str]]:
+        """Every ``(prompt name, extractor)`` prototype set an evaluation on ``datamodule``
+        loads or builds (known from its label space alone, before any file is read)."""
+        synonyms = getattr(getattr(datamodule, "labels", None), "prompt_synonyms", None)
+        groups = self.prototype_names(
+            datamodule.prompt_names, datamodule.background_index, synonyms
+        ).values()
+        names = dict.fromkeys(n for group in groups for n in group)
+        return [(n, e) for n in names for e in self.settings.extractors]
+
     def background_prototypes(self, background_index: int | None) -> bool:
         """Whether the background channel scores background prototypes (``method.background``
         for a label space whose background class is ``background_index``, None: it has none)."""
@@ -220,11 +244,8 @@ class OVDiffModule(EvaluationModule):
             ``method.synonyms=all``; None: the prompt names alone).
         """
         use_background = self.background_prototypes(background_index)
-        classes = [i for i in range(len(prompt_names)) if i != background_index]
-        try:
-            prompts = class_prompts(prompt_names, synonyms, self.settings.synonyms, classes)
-        except ValueError as err:
-            raise ConfigError(f"method.synonyms={self.settings.synonyms}: {err}") from err
+        prompts = self.prototype_names(prompt_names, background_index, synonyms)
+        classes = list(prompts)
         stuff = set(stuff) - {background_index}
         filterable = {i: prompt_names[i] for i in classes if i not in stuff}
         class_filter = None
