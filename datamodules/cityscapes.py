@@ -180,8 +180,9 @@ class CityscapesDataModule(SegmentationDataModule):
         label_files: str = "auto",
         limit: int | None = None,
         num_workers: int = 0,
+        on_bad_sample: str = "error",
     ) -> None:
-        super().__init__(root, limit, num_workers)
+        super().__init__(root, limit, num_workers, on_bad_sample=on_bad_sample)
         self.label_files = check_label_files(label_files)
 
     @property
