@@ -13,7 +13,7 @@ from datamodules.synthetic_segmentation import write_synthetic_voc
 from sdzero.cli import main
 from sdzero.errors import ConfigError
 from sdzero.segmentation.module import OVDiffModule
-from sdzero.suite import load_suite, plan_suite, split_items
+from sdzero.suite import load_suite, plan_suite, split_items, suite_folder
 from sdzero.suite_table import format_table, summarise
 
 FAST = [
@@ -190,3 +190,14 @@ def test_the_table_puts_published_numbers_beside_the_run(tmp_path):
     assert cells["sdzero miou"] == "61.2" and cells["samples"] == "1449"
     assert cells["OVDiff (SD+DINO+CLIP)"] == "67.1"
     assert (cells["SCLIP"], cells["NACLIP"]) == ("59.6", "64.1")
+
+
+def test_other_ranks_share_rank_0s_suite_folder(tmp_path, monkeypatch):
+    suite = load_suite("ovseg8")
+    monkeypatch.setenv("SDZERO_RUN_DIR", str(tmp_path / "suite" / "context60"))
+    assert suite_folder(suite, {}) == tmp_path / "suite"  # started by rank 0 in a benchmark
+    monkeypatch.delenv("SDZERO_RUN_DIR")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="set output_dir=... .or resume=...."):
+        suite_folder(suite, {})  # torchrun: every rank must name the same folder
+    assert suite_folder(suite, {"output_dir": str(tmp_path / "s")}) == tmp_path / "s"

@@ -174,7 +174,17 @@ def _only(value: str | None, suite: Suite) -> list[Benchmark]:
 
 def suite_folder(suite: Suite, keys: dict[str, str]) -> Path:
     """The suite folder: ``resume`` (must hold a suite.json), else ``output_dir`` (must not hold
-    one: continue it with resume=), else ``runs/suite-<name>/<timestamp>``."""
+    one: continue it with resume=), else ``runs/suite-<name>/<timestamp>``. A rank that rank 0
+    started inside one of its benchmarks (Lightning re-runs the command) takes rank 0's folder."""
+    from sdzero.run_folder import RUN_DIR_ENV, launched_processes
+
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV]).parent
+    if launched_processes() > 1 and not (keys.get("output_dir") or keys.get("resume")):
+        raise ConfigError(
+            "this process is one of several started by torchrun/srun: set output_dir=... (or "
+            "resume=...) so that all of them share one suite folder"
+        )
     if "resume" in keys:
         path = Path(keys["resume"])
         if not (path / "suite.json").is_file():
