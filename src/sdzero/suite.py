@@ -312,6 +312,7 @@ def run_suite(suite: Suite, items: Sequence[str]) -> dict[str, Any]:
         name = plan.benchmark.name
         counts = dict(previous.get(name, {}).get("prototype_sets") or {"built": 0})
         counts["needed"] = len(plan.sets)
+        counts["from_cache"] = max(counts["needed"] - counts["built"], 0)
         entry = {
             "experiment": plan.benchmark.experiment,
             "run_dir": name,
