@@ -56,7 +56,8 @@ def test_every_yaml_file_is_reachable():
     files = {
         p.relative_to(config_dir()).with_suffix("").as_posix() for p in config_dir().rglob("*.yaml")
     }
-    reachable = {"eval"} | {f"{g}/{o}" for g in (*GROUPS, "experiment") for o in available(g)}
+    groups = (*GROUPS, "experiment", "suite")  # suites: `sdzero suite NAME`
+    reachable = {"eval"} | {f"{g}/{o}" for g in groups for o in available(g)}
     assert files == reachable
 
 
