@@ -78,6 +78,7 @@ class ConvMatcher(FeatureMatching):
     settings_class = ConvMatcherSettings
     monitor = ("val/loss", "min")
     smoke_test = SmokeTest("demo_train", ("data.num_pairs=3",))
+    uses_sd = False  # learns from pixels: the backbone group is not read
 
     def __init__(self, backbone: Any = None, seed: int = 0, **settings: Any) -> None:
         super().__init__(seed=seed)  # the backbone group is not read
