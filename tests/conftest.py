@@ -40,3 +40,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_network_built(monkeypatch):
+    """Building any network (SD's UNet or VAE, a timm or open_clip model) fails the test: for
+    checks that must come before anything loads."""
+    import diffusers
+    import open_clip
+    import timm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the inputs were checked")
+
+    for cls in (diffusers.UNet2DConditionModel, diffusers.AutoencoderKL):
+        monkeypatch.setattr(cls, "__init__", refuse)
+    monkeypatch.setattr(timm, "create_model", refuse)
+    monkeypatch.setattr(open_clip, "create_model", refuse)

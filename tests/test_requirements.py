@@ -12,21 +12,6 @@ from sdzero.cli import main
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    import diffusers
-    import open_clip
-    import timm
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was built before the requirements were checked")
-
-    for cls in (diffusers.UNet2DConditionModel, diffusers.AutoencoderKL):
-        monkeypatch.setattr(cls, "__init__", refuse)
-    monkeypatch.setattr(timm, "create_model", refuse)
-    monkeypatch.setattr(open_clip, "create_model", refuse)
-
-
-@pytest.fixture
 def empty_cache(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -56,7 +41,7 @@ def unreachable_hub(monkeypatch):
 
 
 def test_segment_with_its_defaults_offline_is_one_line_naming_the_keys(
-    tmp_path, capsys, no_model, empty_cache, unreachable_hub
+    tmp_path, capsys, no_network_built, empty_cache, unreachable_hub
 ):
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
