@@ -10,6 +10,8 @@ once. Random weights; seconds only.
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import itertools
 import json
 import os
@@ -17,13 +19,16 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.common import count_flops
 from benchmarks.reference.dift.make_fixture import draws_for
 from datamodules.spair import SPairDataset
 from datamodules.synthetic_correspondence import write_synthetic_spair
@@ -206,4 +211,113 @@ def relative_difference(mine: dict[str, torch.Tensor], official: dict[str, torch
     return max(
         ((mine[n].double() - official[n].double()).abs().max() / official[n].abs().max()).item()
         for n in names
+    )
+
+
+def dift_component_flops(folder_or_arch: str, img_size: int) -> tuple[float, float]:
+    """FLOPs of one VAE encode of one image and of one copy's UNet pass to up block 1, at
+    ``img_size``, counted on meta tensors (no arithmetic runs). ``folder_or_arch``: a model
+    folder or an architecture name."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from sdzero.backbones.sd import load_stable_diffusion
+    from sdzero.backbones.sd_features import up_block_features
+
+    path = Path(folder_or_arch)
+    if path.is_dir():  # the folder's architecture, built on meta from its configs
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path / "unet"))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(path / "vae"))
+        sd = SimpleNamespace(unet=unet, vae=vae)
+    else:
+        sd = load_stable_diffusion(None, folder_or_arch, device="meta")
+    x = torch.zeros(1, 3, img_size, img_size, device="meta")
+    latents = torch.zeros(1, 4, img_size // 8, img_size // 8, device="meta")
+    context = torch.zeros(1, 77, sd.unet.config.cross_attention_dim, device="meta")
+    with torch.no_grad():
+        vae = count_flops(lambda: sd.vae.encode(x).latent_dist.mean)
+        unet = count_flops(lambda: up_block_features(sd, latents, 261, context, [1]))
+    return vae, unet
+
+
+def comparable_digests(digests: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """Per-tensor sha256 under one naming: diffusers 0.15's VAE attention names, text-model
+    tensors without transformers' ``text_model.`` prefix, no ``position_ids`` buffer."""
+    renames = [
+        ("to_q.", "query."),
+        ("to_k.", "key."),
+        ("to_v.", "value."),
+        ("to_out.0.", "proj_attn."),
+    ]
+    out = {}
+    for part, table in digests.items():
+        fixed = {}
+        for name, digest in table.items():
+            if name.endswith("position_ids"):
+                continue
+            name = name.removeprefix("text_model.")
+            for a, b in renames:
+                name = name.replace(f"mid_block.attentions.0.{a}", f"mid_block.attentions.0.{b}")
+            fixed[name] = digest
+        out[part] = fixed
+    return out
+
+
+def loaded_digests(sd: Any) -> dict[str, dict[str, str]]:
+    """Per-tensor sha256 of ``sd``'s UNet, VAE encoder and text encoder as loaded here (the
+    official side's ``official_stack.model_digests``; compare with :func:`comparable_digests`)."""
+
+    def table(module: torch.nn.Module) -> dict[str, str]:
+        return {
+            k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest()
+            for k, v in module.state_dict().items()
+        }
+
+    return {
+        "unet": table(sd.unet),
+        "vae.encoder": table(sd.vae.encoder),
+        "text_encoder": table(sd.text_encoder),
+    }
+
+
+def sdzero_round(
+    model: Path, datas: dict[str, Path], settings: Sequence[Setting], first: bool, tmp: Path
+) -> dict[str, Any]:
+    """One sdzero round: ``method=dift`` loaded from ``model`` on each setting's pair list, with
+    a fresh feature-cache folder; in the ``first`` round also the weights' digests and the
+    matching FLOPs of one pair (features cached)."""
+    from sdzero.backbones.sd import load_stable_diffusion
+    from sdzero.correspondence.dift import DIFT
+
+    sd = load_stable_diffusion(str(model), text_encoder=True)
+    out: dict = {"timings": {}, "match_flops": {}}
+    if first:
+        out["sha256"] = loaded_digests(sd)
+    for s in settings:
+        with tempfile.TemporaryDirectory(dir=tmp) as cache:
+            method = DIFT(
+                {"weights": str(model), "arch": None},
+                seed=SEED,
+                image_size=s.img_size,
+                ensemble_size=s.ensemble,
+                feature_cache=cache,
+            )
+            method.sd = sd
+            method.eval()
+            out["timings"][s.name] = method_round(method, datas[s.name], keep_features=True)
+            if first:
+                out["match_flops"][s.name] = pair_flops(method, datas[s.name])
+    del sd, method
+    gc.collect()
+    return out
+
+
+def pair_flops(method: Any, data: Path) -> float:
+    """FLOPs of one :meth:`predict_pair` of the list's first pair, its features cached."""
+    item = SPairDataset(data)[0]
+    pair = PairInfo(
+        index=0, category=item["category"], src_name=item["src_name"], trg_name=item["trg_name"]
+    )
+    return count_flops(
+        lambda: method.predict_pair(item["src_img"], item["trg_img"], item["src_kps"], pair)
     )

@@ -37,6 +37,7 @@ MODULES = (
     "bench_segmentation",
     "bench_kmeans",
     "bench_dift",
+    "bench_sd_dino",
     "bench_ovseg",
 )
 MARK = "SDZERO-BENCH-ROWS "

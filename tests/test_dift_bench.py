@@ -93,9 +93,9 @@ def test_digests_compare_under_one_naming_across_stacks():
         "vae.encoder": {"mid_block.attentions.0.to_q.weight": "a", "conv_in.weight": "b"},
         "text_encoder": {"final_layer_norm.weight": "c"},
     }
-    assert bench_dift._digests_comparable(old) == bench_dift._digests_comparable(new)
+    assert side.comparable_digests(old) == side.comparable_digests(new)
     new["vae.encoder"]["conv_in.weight"] = "changed"
-    assert bench_dift._digests_comparable(old) != bench_dift._digests_comparable(new)
+    assert side.comparable_digests(old) != side.comparable_digests(new)
 
 
 def test_side_by_side_skips_with_a_reason_without_the_old_stack(monkeypatch, tmp_path):
@@ -133,7 +133,7 @@ def test_method_round_extracts_each_image_once_and_times_every_pair(tmp_path):
 
 
 def test_flops_counted_on_meta_tensors_equal_a_real_pass():
-    vae, unet = bench_dift.dift_component_flops("tiny", 64)
+    vae, unet = side.dift_component_flops("tiny", 64)
     sd = load_stable_diffusion(None, "tiny")
     x, latents = torch.rand(1, 3, 64, 64), torch.randn(1, 4, 8, 8)
     context = torch.randn(1, 77, sd.unet.config.cross_attention_dim)
