@@ -11,30 +11,36 @@ import os
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.base import BenchmarkDataModule, LimitedDataset
 from datamodules.files import DatasetFormatError
 from sdzero.errors import ConfigError
 
 
-class EpochShuffle(torch.utils.data.Sampler):
+class EpochShuffle(DistributedSampler):
     """A fresh permutation of ``range(length)`` each epoch, drawn from ``(seed, epoch)`` alone:
     Lightning calls :meth:`set_epoch`, so a run resumed from a checkpoint sees the same order as
-    an uninterrupted one (torch's RandomSampler draws from the global RNG instead)."""
+    an uninterrupted one (torch's RandomSampler draws from the global RNG instead).
+
+    Under torch.distributed rank ``r`` of ``W`` takes positions ``r, r + W, ...`` of that one
+    permutation (padded with its head to a multiple of ``W``): the ranks' batches of ``B`` are
+    together the batch of ``W * B`` one process sees, so DDP trains on the same global batches.
+    Being a ``DistributedSampler``, Lightning uses it as it is (its wrapper would shuffle again).
+    """
 
     def __init__(self, length: int, seed: int) -> None:
-        self.length, self.seed, self.epoch = int(length), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+        super().__init__(range(int(length)), num_replicas=world, rank=rank, shuffle=False)
+        self.length, self.seed = int(length), int(seed)
 
     def __iter__(self) -> Any:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        order = torch.randperm(self.length, generator=generator).tolist()
+        order += order[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
 def as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -7,10 +7,11 @@ import logging
 
 import pytest
 import torch
+from label_runs import teacher_run
 
 from datamodules.pseudo_labels import SPairPseudoLabels
 from datamodules.synthetic_correspondence import write_synthetic_spair
-from sdzero.config import compose, instantiate, save_config
+from sdzero.config import compose, save_config
 from sdzero.errors import ConfigError, MissingFileError
 from sdzero.records import RecordWriter
 
@@ -35,35 +36,8 @@ def truth(sample):
     return sample["src_kps"] + shift_of(sample)
 
 
-def teacher(out, root, predict=truth, split="trn", reverse=False, grid=GRID, **keys):
-    """A finished run folder: the composed config of a run on ``split`` and records whose
-    predictions are ``predict(sample)`` (the samples as that run saw them)."""
-    items = {"method": "ldm_corr", "backbone": "sd14", **keys}
-    query = f"grid:{grid}" if grid else "keypoints"
-    overrides = [f"{k}={v}" for k, v in items.items()] + ["data=spair", f"data.root={root}"]
-    overrides += [f"data.split={split}", f"data.query_points={query}", f"data.reverse={reverse}"]
-    cfg = compose(None, overrides)
-    out.mkdir(parents=True)
-    save_config(cfg, out / "config.yaml")
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("test")
-    with RecordWriter(out / "predictions" / "rank0.jsonl") as writer:
-        for i in range(len(datamodule.dataset)):
-            s = datamodule.dataset[i]
-            writer.write(
-                {
-                    "index": i,
-                    "id": s["id"],
-                    "category": s["category"],
-                    "src_kps": s["src_kps"].tolist(),
-                    "trg_kps": s["trg_kps"].tolist(),
-                    "pred_kps": predict(s).tolist(),
-                    "src_size": list(s["src_size"]),
-                    "trg_size": list(s["trg_size"]),
-                    "threshold_size": 10.0,
-                }
-            )
-    return out
+def teacher(out, root, predict=truth, grid=GRID, **keys):
+    return teacher_run(out, root, predict, grid=grid, **keys)
 
 
 def labels(root, runs, **keys):

@@ -195,16 +195,13 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             monitor, mode = monitor.replace("val/", "train/"), mode
         checkpoints = run_dir / "checkpoints"
         checkpoint = ModelCheckpoint(
-            dirpath=checkpoints,
-            filename="best",
-            monitor=monitor,
-            mode=mode,
-            save_last=True,
-            save_top_k=1,
+            dirpath=checkpoints, filename="best", monitor=monitor, mode=mode, save_top_k=1
         )
+        # every epoch's state for resume= (Lightning's save_last follows the best checkpoint only)
+        latest = ModelCheckpoint(dirpath=checkpoints, filename="last", save_top_k=1)
         logger = build_logger(cfg, run_dir)
         fixed = {"enable_checkpointing": True, "use_distributed_sampler": True}
-        trainer = build_trainer(cfg, run_dir, logger, [checkpoint], **fixed)
+        trainer = build_trainer(cfg, run_dir, logger, [checkpoint, latest], **fixed)
         last = checkpoints / "last.ckpt"
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
         best = trainer.strategy.broadcast(checkpoint.best_model_path or str(last))
