@@ -39,6 +39,7 @@ MODULES = (
     "bench_dift",
     "bench_sd_dino",
     "bench_ovseg",
+    "bench_student",
 )
 MARK = "SDZERO-BENCH-ROWS "
 
