@@ -78,9 +78,9 @@ def job_many_classes(device: str, quick: bool = False) -> list[Row]:
             score_memory_mb=budget,
             device=device,
         )
-        warm = segment(image, explain=True)  # warm-up; its maps tell each extractor's grid
-        grids = {pair.extractor: pair.values.shape[-2:] for pair in warm.pairs}
-        if device.startswith("cuda"):
+        grids = _record_grids(segment)
+        if device.startswith("cuda"):  # a warm-up (kernels, allocator); on CPU one call is enough
+            segment(image)
             torch.cuda.reset_peak_memory_stats()
         seconds = _seconds(lambda s=segment: s(image), device)
         peak = (
@@ -102,7 +102,23 @@ def job_many_classes(device: str, quick: bool = False) -> list[Row]:
     return rows
 
 
-def _largest_block(segment: Segmenter, grids: dict[int, torch.Size], budget: int) -> str:
+def _record_grids(segment: Segmenter) -> dict[int, tuple[int, int]]:
+    """``{extractor index: (gh, gw)}`` of the largest feature grid each bank scores, filled in
+    while ``segment`` runs (each bank's ``score`` is wrapped on this instance)."""
+    grids: dict[int, tuple[int, int]] = {}
+    for index, bank in enumerate(segment.banks):
+
+        def score(features, kept, memory_mb, index=index, original=bank.score):
+            shape = tuple(features.shape[-2:])
+            if index not in grids or shape[0] * shape[1] > grids[index][0] * grids[index][1]:
+                grids[index] = shape
+            return original(features, kept, memory_mb)
+
+        bank.score = score
+    return grids
+
+
+def _largest_block(segment: Segmenter, grids: dict[int, tuple[int, int]], budget: int) -> str:
     """The largest similarity block of any extractor vs all rows at once, for the note."""
     worst_block = worst_all = 0
     for index, bank in enumerate(segment.banks):
