@@ -13,10 +13,14 @@ test-sized run (:class:`~sdzero.evaluation.SmokeTest`: synthetic data, tiny back
 A new method gets these by being registered with a ``smoke_test``.
 """
 
+import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from cli_runs import DDP2, TIMING, eval_ok, metrics, records_per_rank
+from cli_runs import DDP2, TIMING, metrics, records_per_rank, sdzero_env
 
 from sdzero.config import _import, available, compose
 from sdzero.errors import ConfigError
@@ -103,12 +107,38 @@ def test_batching_and_limits_change_no_record(reference, tmp_path):
         )
 
 
-def test_two_processes_equal_one(reference, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """Every method's smoke run as ``sdzero eval`` in one 2-process DDP world (one launch for all:
+    ``ddp_many.py``): option -> (run folder, the command's stdout)."""
+    folder = tmp_path_factory.mktemp("contract-ddp")
+    commands = []
+    for option in METHODS:
+        smoke, overrides = _smoke(option)
+        out = folder / option
+        commands.append(
+            [option, ["eval", smoke.experiment, f"output_dir={out}", *overrides, *DDP2]]
+        )
+    spec = folder / "commands.json"
+    spec.write_text(json.dumps(commands))
+    script = Path(__file__).with_name("ddp_many.py")
+    res = subprocess.run(
+        [sys.executable, str(script), str(spec)],
+        env=sdzero_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    sections = dict(part.split("\n", 1) for part in res.stdout.split("=== ")[1:])
+    assert list(sections) == METHODS
+    return {option: (folder / option, sections[option]) for option in METHODS}
+
+
+def test_two_processes_equal_one(reference, ddp_runs):
     option, out, _ = reference
-    smoke, overrides = _smoke(option)
-    ddp = tmp_path / "ddp"
-    res = eval_ok(smoke.experiment, ddp, *overrides, *DDP2)
-    assert res.stdout.count("split_size") == 1  # only rank 0 prints the table
+    ddp, stdout = ddp_runs[option]
+    assert stdout.count("split_size") == 1  # only rank 0 prints the table
     assert records_per_rank(ddp) == {"rank0.jsonl": 2, "rank1.jsonl": 1}  # no padding repeats
     assert _records(ddp) == _records(out)
     assert _artifacts(ddp) == _artifacts(out)
