@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 import torch
 
 from sdzero.backbones.sd import as_dtype, load_stable_diffusion
-from sdzero.errors import ConfigError, InputError
+from sdzero.correspondence.query_points import check_query_points
+from sdzero.errors import ConfigError
 from sdzero.evaluation import EvaluationModule
 from sdzero.tasks.correspondence import CorrespondenceTask, Scoring
 from sdzero.tasks.frames import ModelFrame
@@ -88,23 +89,6 @@ class ScoringSettings:
             inclusive=self.pck_inclusive,
             image_size=self.image_size,  # type: ignore[attr-defined]  (the subclass's field)
             resize=self.resize,
-        )
-
-
-def check_query_points(
-    points: torch.Tensor, width: int, height: int, image: str = "source image"
-) -> None:
-    """:class:`InputError` unless every ``(x, y)`` of ``points`` ``(N, 2)`` (pixels of the original
-    source image, edges included) lies in the ``width`` x ``height`` image named ``image``."""
-    outside = (
-        (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
-    )
-    outside |= ~torch.isfinite(points).all(dim=1)  # NaN compares False: not inside either
-    if outside.any():
-        bad = points[outside][0].tolist()
-        raise InputError(
-            f"query point {bad} lies outside the {width}x{height} (w x h) {image}; expected "
-            f"0 <= x <= {width} and 0 <= y <= {height}"
         )
 
 

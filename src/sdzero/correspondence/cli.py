@@ -42,24 +42,25 @@ def match_images(
     ``overrides`` are config items (``backbone=...``, ``method.steps=...``) on top of the default
     backbone and method of ``configs/eval.yaml``.
     """
-    from sdzero.config import compose
-
     if not points:
         raise InputError("--points: give at least one query point, X,Y [X,Y ...]")
-    cfg = compose(None, ["data=synthetic_correspondence", *overrides])
     import torch
 
     from datamodules.files import load_rgb
-    from sdzero.correspondence.base import PairInfo, check_query_points
-    from sdzero.requirements import check_requirements
-    from sdzero.runs import build_method
+    from sdzero.correspondence.query_points import check_query_points
 
-    module = build_method(cfg)
-    # every input is checked before the model is loaded
-    check_requirements(module.requirements())
+    # the inputs first: composing the config imports the method's modules (diffusers, Lightning)
     src_img, trg_img = load_rgb(src), load_rgb(trg)
     query = torch.tensor(points, dtype=torch.float32)
     check_query_points(query, src_img.shape[2], src_img.shape[1], f"source image {str(src)!r}")
+    from sdzero.config import compose
+    from sdzero.correspondence.base import PairInfo
+    from sdzero.requirements import check_requirements
+    from sdzero.runs import build_method
+
+    cfg = compose(None, ["data=synthetic_correspondence", *overrides])
+    module = build_method(cfg)
+    check_requirements(module.requirements())  # before the model is loaded
     module.setup("test")
     pred = module.predict_pair(
         src_img, trg_img, query, PairInfo(src_name=str(src), trg_name=str(trg))
