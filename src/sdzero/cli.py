@@ -198,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the demo experiments on synthetic data (CPU, no download)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides applied to both demos")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides applied to every part of the demo"
+    )
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("info", help="versions, devices, backbones, datasets")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -44,23 +45,29 @@ def match_images(
     """
     if not points:
         raise InputError("--points: give at least one query point, X,Y [X,Y ...]")
+    from PIL import Image
+
+    from sdzero.correspondence.query_points import check_query_points
+
+    # the points against the source's size first, from its header (composing the config imports
+    # the method's modules: diffusers, Lightning); an unreadable file is reported by load_rgb
+    with contextlib.suppress(OSError), Image.open(src) as header:
+        check_query_points(points, *header.size, f"source image {str(src)!r}")
+    from sdzero.config import compose
+
+    cfg = compose(None, ["data=synthetic_correspondence", *overrides])
     import torch
 
     from datamodules.files import load_rgb
-    from sdzero.correspondence.query_points import check_query_points
-
-    # the inputs first: composing the config imports the method's modules (diffusers, Lightning)
-    src_img, trg_img = load_rgb(src), load_rgb(trg)
-    query = torch.tensor(points, dtype=torch.float32)
-    check_query_points(query, src_img.shape[2], src_img.shape[1], f"source image {str(src)!r}")
-    from sdzero.config import compose
     from sdzero.correspondence.base import PairInfo
     from sdzero.requirements import check_requirements
     from sdzero.runs import build_method
 
-    cfg = compose(None, ["data=synthetic_correspondence", *overrides])
+    src_img, trg_img = load_rgb(src), load_rgb(trg)
+    query = torch.tensor(points, dtype=torch.float32)
+    check_query_points(query, src_img.shape[2], src_img.shape[1], f"source image {str(src)!r}")
     module = build_method(cfg)
-    check_requirements(module.requirements())  # before the model is loaded
+    check_requirements(module.requirements())  # every input is checked before the model loads
     module.setup("test")
     pred = module.predict_pair(
         src_img, trg_img, query, PairInfo(src_name=str(src), trg_name=str(trg))

@@ -1,25 +1,26 @@
-"""The query-point check every correspondence entry point shares (light: torch only, so
-``sdzero match`` checks its points before any method module or model loads)."""
+"""The query-point check every correspondence entry point shares (plain Python, so ``sdzero
+match`` checks its points against the image's size before torch or any method module loads)."""
 
 from __future__ import annotations
 
-import torch
+import math
+from collections.abc import Sequence
+from typing import Any
 
 from sdzero.errors import InputError
 
 
 def check_query_points(
-    points: torch.Tensor, width: int, height: int, image: str = "source image"
+    points: Sequence[Sequence[float]] | Any, width: int, height: int, image: str = "source image"
 ) -> None:
-    """:class:`InputError` unless every ``(x, y)`` of ``points`` ``(N, 2)`` (pixels of the original
-    source image, edges included) lies in the ``width`` x ``height`` image named ``image``."""
-    outside = (
-        (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
-    )
-    outside |= ~torch.isfinite(points).all(dim=1)  # NaN compares False: not inside either
-    if outside.any():
-        bad = points[outside][0].tolist()
-        raise InputError(
-            f"query point {bad} lies outside the {width}x{height} (w x h) {image}; expected "
-            f"0 <= x <= {width} and 0 <= y <= {height}"
-        )
+    """:class:`InputError` unless every ``(x, y)`` of ``points`` (``(N, 2)``: a tensor or pairs of
+    numbers; pixels of the original source image, edges included) lies in the ``width`` x
+    ``height`` image named ``image``."""
+    rows = points.tolist() if hasattr(points, "tolist") else points
+    for x, y in rows:
+        # NaN compares False: not inside either
+        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= width and 0 <= y <= height):
+            raise InputError(
+                f"query point {[float(x), float(y)]} lies outside the {width}x{height} (w x h) "
+                f"{image}; expected 0 <= x <= {width} and 0 <= y <= {height}"
+            )
