@@ -126,6 +126,14 @@ def _header(device: str, peaks: dict | None) -> str:
     return header
 
 
+def _write_json(path: str, header: str, results: list[dict], failed: list[str]) -> None:
+    """The ``--json`` file of the jobs run so far, replaced atomically."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps({"header": header, "results": results, "failed": failed}, indent=1))
+    os.replace(tmp, target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if names else 2
     peaks = None if args.device.startswith("cuda") else cpu_peaks()
     results, failed = [], []
+    header = _header(args.device, peaks)
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     for name in names:
@@ -168,15 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         result = {"job": name, **json.loads(lines[-1][len(MARK) :])}
         results.append(result)
-        print(format_table([result], args.device, peaks).splitlines()[-1], file=sys.stderr)
-    table = format_table(results, args.device, peaks)
-    header = _header(args.device, peaks)
+        rows = format_table([result], args.device, peaks).splitlines()[2:]  # no table header
+        print("\n".join(rows), file=sys.stderr, flush=True)
+        if args.json:  # after every job, so that an interrupted run keeps the finished ones
+            _write_json(args.json, header, results, failed)
     print(header)
-    print(table)
+    print(format_table(results, args.device, peaks))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"header": header, "results": results, "failed": failed}, indent=1)
-        )
+        _write_json(args.json, header, results, failed)
     if failed:
         print(f"failed jobs: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
