@@ -63,9 +63,8 @@ def match_images(
     from sdzero.requirements import check_requirements
     from sdzero.runs import build_method
 
-    src_img, trg_img = load_rgb(src), load_rgb(trg)
+    src_img, trg_img = load_rgb(src), load_rgb(trg)  # the grid of the header checked above
     query = torch.tensor(points, dtype=torch.float32)
-    check_query_points(query, src_img.shape[2], src_img.shape[1], f"source image {str(src)!r}")
     module = build_method(cfg)
     check_requirements(module.requirements())  # every input is checked before the model loads
     module.setup("test")
