@@ -128,10 +128,9 @@ def _header(device: str, peaks: dict | None) -> str:
 
 def _write_json(path: str, header: str, results: list[dict], failed: list[str]) -> None:
     """The ``--json`` file of the jobs run so far, replaced atomically."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps({"header": header, "results": results, "failed": failed}, indent=1))
-    os.replace(tmp, target)
+    from sdzero.records import write_json_atomic
+
+    write_json_atomic(path, {"header": header, "results": results, "failed": failed})
 
 
 def main(argv: list[str] | None = None) -> int:
