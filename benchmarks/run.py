@@ -117,20 +117,40 @@ def format_table(results: list[dict], device: str, cpu_peaks: dict | None) -> st
     return "\n".join(lines)
 
 
+def _rates(peaks: dict) -> str:
+    rates = " / ".join(f"{kind} {peaks[kind] / 1e9:.0f}" for kind in sorted(peaks))
+    return f"measured peak (best of matmul and 3x3 conv) {rates} GFLOP/s"
+
+
 def _header(device: str, peaks: dict | None) -> str:
     header = f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}"
     header += f", torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if peaks:  # the peaks the table's rows needed
-        rates = " / ".join(f"{kind} {peaks[kind] / 1e9:.0f}" for kind in sorted(peaks))
-        header += f", measured peak (best of matmul and 3x3 conv) {rates} GFLOP/s"
-    return header
+    return header + (f", {_rates(peaks)}" if peaks else "")  # the peaks the rows needed
 
 
-def _write_json(path: str, header: str, results: list[dict], failed: list[str]) -> None:
-    """The ``--json`` file of the jobs run so far, replaced atomically."""
+def _write_json(path: str, device: str, peaks: dict | None, results: list, failed: list) -> None:
+    """The ``--json`` file of the jobs run so far, replaced atomically, with the peaks (FLOP/s)
+    the run measured, so that ``--render`` computes the floors against the run's own machine."""
     from sdzero.records import write_json_atomic
 
-    write_json_atomic(path, {"header": header, "results": results, "failed": failed})
+    record = {"header": _header(device, None), "peaks": dict(peaks or {})}
+    write_json_atomic(path, {**record, "results": results, "failed": failed})
+
+
+def render(paths: list[str], device: str) -> str:
+    """The headers and table of saved ``--json`` files: each file's rows against the peaks its
+    own run measured (a file written before runs saved them: peaks measured now, and said so)."""
+    now = None if device.startswith("cuda") else cpu_peaks()
+    headers, rows = [], []
+    for path in paths:
+        record = json.loads(Path(path).read_text())
+        peaks = CpuPeaks(record["peaks"]) if record.get("peaks") else now
+        rows += format_table(record["results"], device, peaks).splitlines()[2:]
+        header = f"{Path(path).name}: {record['header']}"
+        if peaks:  # ``now`` is filled by format_table with the kinds the rows needed
+            header += f", {_rates(peaks)} ({'when rendering' if peaks is now else 'in the run'})"
+        headers.append(header)
+    return "\n".join([*headers, *format_table([], device, None).splitlines(), *rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         run_one(args.run_job, args.device, args.quick)
         return 0
     if args.render:
-        saved = [json.loads(Path(p).read_text()) for p in args.render]
-        peaks = None if args.device.startswith("cuda") else cpu_peaks()
-        table = format_table([r for s in saved for r in s["results"]], args.device, peaks)
-        print(_header(args.device, peaks) + " (peaks measured when rendering)")
-        print(table)
+        print(render(args.render, args.device))
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
@@ -161,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if names else 2
     peaks = None if args.device.startswith("cuda") else cpu_peaks()
     results, failed = [], []
-    header = _header(args.device, peaks)
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     for name in names:
@@ -179,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = format_table([result], args.device, peaks).splitlines()[2:]  # no table header
         print("\n".join(rows), file=sys.stderr, flush=True)
         if args.json:  # after every job, so that an interrupted run keeps the finished ones
-            _write_json(args.json, header, results, failed)
-    print(header)
+            _write_json(args.json, args.device, peaks, results, failed)
+    print(_header(args.device, peaks))
     print(format_table(results, args.device, peaks))
     if args.json:
-        _write_json(args.json, header, results, failed)
+        _write_json(args.json, args.device, peaks, results, failed)
     if failed:
         print(f"failed jobs: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

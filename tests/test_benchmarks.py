@@ -19,7 +19,7 @@ def test_runner_quick_correspondence_job_writes_a_table_and_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| per query point, 128 px | exact |" in proc.stdout
     result = json.loads(out.read_text())
-    assert result["failed"] == []
+    assert result["failed"] == [] and result["peaks"]["fp32"] > 0  # the run's own peak
     (job,) = result["results"]
     assert job["job"] == "corr-exact-128" and job["peak_memory_gb"] > 0
     rows = {r["unit"]: r for r in job["rows"]}
@@ -29,3 +29,19 @@ def test_runner_quick_correspondence_job_writes_a_table_and_json(tmp_path):
     # 129 steps x 5 restarts + 20 crops x 5: far more work than one step
     assert point["seconds"] > 100 * step["seconds"] / 5
     assert point["flops"] > 600 * (step["flops"] - rows["VAE encode, one crop, 128 px"]["flops"])
+
+
+def test_render_computes_floors_against_the_peak_the_run_saved(tmp_path):
+    from benchmarks.run import render
+
+    row = {"section": "s", "unit": "u", "mode": "exact", "seconds": 4.0, "flops": 2e11, "note": ""}
+    saved = {"header": "device: cpu, saved", "peaks": {"fp32": 1e11}, "failed": []}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({**saved, "results": [{"rows": [row], "peak_memory_gb": 1.5}]}))
+    text = render([str(path)], "cpu")
+    # 2e11 FLOP at the saved 100 GFLOP/s: a 2 s floor, reached at 50% in 4 s; nothing re-measured
+    assert "| s | u | exact | 4.000 | 200.0 | 0.050 | 2.00 (50%) | 1.50 |  |" in text
+    assert text.splitlines()[0] == (
+        "run.json: device: cpu, saved, measured peak (best of matmul and 3x3 conv) fp32 100 "
+        "GFLOP/s (in the run)"
+    )
