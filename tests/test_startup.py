@@ -240,3 +240,20 @@ def test_source_schema_gives_up_on_what_it_cannot_read(fakeproj):
         source_schema("fakeproj.methods.Missing")
     with pytest.raises(Unresolved):
         source_schema("collections.OrderedDict")  # not a project package
+
+
+def test_a_method_without_stable_diffusion_builds_without_loading_diffusers(tmp_path):
+    # `sdzero train demo_train` (the conv matcher): diffusers' import alone is ~3 s of start-up
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from sdzero.config import compose
+        from sdzero.runs import build_method
+        method = build_method(compose("demo_train", ["output_dir={tmp_path}"]))
+        print(type(method).__name__, method.uses_sd, "diffusers" in sys.modules)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["ConvMatcher", "False", "False"]

@@ -30,6 +30,7 @@ from sdzero.backbones.architectures import (
     matching_architectures,
     unet_topology,
 )
+from sdzero.backbones.dtypes import as_dtype
 from sdzero.backbones.errors import WeightsFormatError, WeightsNotFoundError
 from sdzero.backbones.sd_checkpoint import single_file_parts
 from sdzero.backbones.sd_model import (
@@ -61,7 +62,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _T = TypeVar("_T")
 
 
@@ -111,18 +111,6 @@ def load_stable_diffusion(
         source = location
     model = StableDiffusion(**parts, arch=arch, source=source, random_weights=kind == "random")
     return model.to(device=device, dtype=dtype)
-
-
-def as_dtype(dtype: torch.dtype | str, key: str = "dtype") -> torch.dtype:
-    """A float dtype from its name (``"float32"``, ``"float16"``, ``"bfloat16"``) or itself;
-    ``key`` names the setting in the error message."""
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ConfigError(
-        f"{key} must be one of {list(_DTYPES)} (or a torch float dtype); got {dtype!r}"
-    )
 
 
 def _warn_random(arch: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from sdzero.backbones.sd import as_dtype, load_stable_diffusion
+from sdzero.backbones.dtypes import as_dtype
 from sdzero.correspondence.query_points import check_query_points
 from sdzero.errors import ConfigError
 from sdzero.evaluation import EvaluationModule
@@ -122,6 +122,8 @@ class CorrespondenceModule(EvaluationModule):
         """The frozen Stable Diffusion of the ``backbone`` group, loaded once (it flags random
         weights on the module)."""
         if self.sd is None:
+            from sdzero.backbones.sd import load_stable_diffusion  # diffusers: only when used
+
             cfg = self.backbone_cfg
             self.sd = load_stable_diffusion(
                 cfg.get("weights"),

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sdzero.backbones.dtypes import as_dtype
 from sdzero.backbones.feature_cache import MethodFeatureCache
-from sdzero.backbones.sd import as_dtype
 from sdzero.backbones.vit import vit_names
 from sdzero.correspondence.dift import TRAIN_TIMESTEPS, UP_BLOCKS
 from sdzero.correspondence.student_features import PARTS, FrozenBackbone
