@@ -57,9 +57,18 @@ def _peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def find_job(name: str, quick: bool):
+    """The job called ``name``, importing the job modules only up to the one that has it."""
+    for module in MODULES:
+        jobs = importlib.import_module(f"benchmarks.{module}").jobs(quick)
+        if name in jobs:
+            return jobs[name]
+    raise KeyError(f"no benchmark job named {name!r} (python -m benchmarks.run --list)")
+
+
 def run_one(name: str, device: str, quick: bool) -> None:
     """Child process: run one job and print its rows as one JSON line."""
-    rows = all_jobs(quick)[name](device)
+    rows = find_job(name, quick)(device)
     print(
         MARK
         + json.dumps(

@@ -27,6 +27,27 @@ def sdzero(*args: str, env: dict[str, str] | None = None, timeout: int = 600):
     )
 
 
+def sdzero_many(
+    commands: list[tuple[str, list[str]]], folder: Path, env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Run several `sdzero` commands (``[name, argv]``) in one process, or one DDP world when
+    they ask for it (``ddp_many.py``): the imports are paid once. Asserts all succeed; returns
+    name -> that command's stdout."""
+    spec = folder / "commands.json"
+    spec.write_text(json.dumps(commands))
+    res = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ddp_many.py")), str(spec)],
+        env=sdzero_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    sections = dict(part.split("\n", 1) for part in res.stdout.split("=== ")[1:])
+    assert list(sections) == [name for name, _ in commands], res.stdout[-2000:]
+    return sections
+
+
 def eval_ok(experiment: str, out: Path, *overrides: str, env: dict[str, str] | None = None):
     """`sdzero eval EXPERIMENT output_dir=OUT ...`, asserting it succeeds."""
     res = sdzero("eval", experiment, f"output_dir={out}", *overrides, env=env)

@@ -57,3 +57,17 @@ def no_network_built(monkeypatch):
         monkeypatch.setattr(cls, "__init__", refuse)
     monkeypatch.setattr(timm, "create_model", refuse)
     monkeypatch.setattr(open_clip, "create_model", refuse)
+
+
+@pytest.fixture(scope="session")
+def offline_wandb(tmp_path_factory):
+    """Both tasks' small runs logged to W&B offline (``wandb_offline.OFFLINE_RUNS``), in one
+    `sdzero` process: name -> run folder."""
+    from cli_runs import sdzero_many
+    from wandb_offline import OFFLINE_ENV, OFFLINE_RUNS
+
+    folder = tmp_path_factory.mktemp("wandb")
+    runs = {name: folder / name for name in OFFLINE_RUNS}
+    commands = [(name, [*argv, f"output_dir={runs[name]}"]) for name, argv in OFFLINE_RUNS.items()]
+    sdzero_many(commands, folder, env=OFFLINE_ENV)
+    return runs

@@ -1,23 +1,18 @@
 """The benchmark runner runs end to end on tiny shapes (a smoke test, not a timed test)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_runner_quick_correspondence_job_writes_a_table_and_json(tmp_path):
+def test_runner_quick_correspondence_job_writes_a_table_and_json(tmp_path, monkeypatch, capsys):
+    from benchmarks.run import main
+
     out = tmp_path / "rows.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "corr-exact-*"]
-    proc = subprocess.run(
-        [*cmd, "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| per query point, 128 px | exact |" in proc.stdout
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the job's own process inherits it
+    # the runner here (its imports are this process's), the job in its child process, as always
+    code = main(["--quick", "--only", "corr-exact-*", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-2000:]
+    assert "| per query point, 128 px | exact |" in printed.out
     result = json.loads(out.read_text())
     assert result["failed"] == [] and result["peaks"]["fp32"] > 0  # the run's own peak
     (job,) = result["results"]

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from cli_runs import eval_ok, metrics, sdzero, sdzero_env
+from cli_runs import eval_ok, metrics, sdzero_env
 from wandb_offline import logged_values
 
 from sdzero.config import compose
@@ -84,18 +84,8 @@ def test_resume_with_other_settings_is_refused(reference):
         RunFolder(compose("demo_correspondence", [f"resume={reference}", "seed=9", *COMMON]))
 
 
-def test_offline_wandb_run_holds_the_final_metrics(tmp_path):
-    out = tmp_path / "wb"
-    args = [a for a in COMMON if not a.startswith("logger")] + ["logger=wandb", "data.num_pairs=1"]
-    res = sdzero(
-        "eval",
-        "demo_correspondence",
-        f"output_dir={out}",
-        *args,
-        env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""},
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_offline_wandb_run_holds_the_final_metrics(offline_wandb):
+    out = offline_wandb["correspondence"]
     final = json.loads((out / "metrics.json").read_text())
     logged = logged_values(out)
     for alpha, value in final["pck"].items():

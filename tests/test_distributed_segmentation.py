@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from cli_runs import sdzero
 from wandb_offline import artifact_types, logged_values
 
 from datamodules.synthetic_segmentation import write_synthetic_voc
@@ -61,20 +60,8 @@ def test_concurrent_prototype_builds_leave_a_valid_cache(tmp_path):
     assert [p.stat().st_mtime_ns for p in files] == stamps
 
 
-def test_offline_wandb_logs_miou_tables_and_the_prototype_artifact(tmp_path):
-    out = tmp_path / "wb"
-    args = [a for a in COMMON if not a.startswith("logger")] + ["data.num_images=2"]
-    res = sdzero(
-        "eval",
-        "demo_segmentation",
-        f"output_dir={out}",
-        *args,
-        "logger=wandb",
-        "logger.artifacts=true",
-        env={"WANDB_MODE": "offline", "WANDB_API_KEY": ""},
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_offline_wandb_logs_miou_tables_and_the_prototype_artifact(offline_wandb):
+    out = offline_wandb["segmentation"]
     final = json.loads((out / "metrics.json").read_text())
     logged = logged_values(out)
     assert float(logged["miou"]) == pytest.approx(final["miou"])

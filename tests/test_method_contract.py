@@ -13,14 +13,10 @@ test-sized run (:class:`~sdzero.evaluation.SmokeTest`: synthetic data, tiny back
 A new method gets these by being registered with a ``smoke_test``.
 """
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from cli_runs import DDP2, TIMING, metrics, records_per_rank, sdzero_env
+from cli_runs import DDP2, TIMING, metrics, records_per_rank, sdzero_many
 
 from sdzero.config import _import, available, compose
 from sdzero.errors import ConfigError
@@ -119,19 +115,7 @@ def ddp_runs(tmp_path_factory):
         commands.append(
             [option, ["eval", smoke.experiment, f"output_dir={out}", *overrides, *DDP2]]
         )
-    spec = folder / "commands.json"
-    spec.write_text(json.dumps(commands))
-    script = Path(__file__).with_name("ddp_many.py")
-    res = subprocess.run(
-        [sys.executable, str(script), str(spec)],
-        env=sdzero_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    sections = dict(part.split("\n", 1) for part in res.stdout.split("=== ")[1:])
-    assert list(sections) == METHODS
+    sections = sdzero_many(commands, folder)
     return {option: (folder / option, sections[option]) for option in METHODS}
 
 

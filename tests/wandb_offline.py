@@ -1,9 +1,19 @@
-"""Read an offline W&B run file (``run-*.wandb``) back: its records are protobufs in a LevelDB-style log."""
+"""Offline W&B runs of both tasks (:data:`OFFLINE_RUNS`, run in one process by the ``offline_wandb``
+fixture), and their run files (``run-*.wandb``) read back: protobufs in a LevelDB-style log."""
 
 from collections.abc import Iterator
 from pathlib import Path
 
 BLOCK, HEADER = 32768, 7
+
+QUIET = ["trainer.enable_progress_bar=false", "logger=wandb"]
+OFFLINE_RUNS = {  # name -> the `sdzero` argv of a small run logged to W&B offline
+    "correspondence": ["eval", "demo_correspondence", "data.num_pairs=1", "method.steps=2"]
+    + ["method.num_embeddings=1", "method.inference_crops=4", *QUIET],
+    "segmentation": ["eval", "demo_segmentation", "data.num_images=2", *QUIET]
+    + ["logger.artifacts=true"],
+}
+OFFLINE_ENV = {"WANDB_MODE": "offline", "WANDB_API_KEY": ""}
 
 
 def raw_records(path: Path) -> Iterator[bytes]:
