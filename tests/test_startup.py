@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import typing
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -242,18 +243,56 @@ def test_source_schema_gives_up_on_what_it_cannot_read(fakeproj):
         source_schema("collections.OrderedDict")  # not a project package
 
 
-def test_a_method_without_stable_diffusion_builds_without_loading_diffusers(tmp_path):
-    # `sdzero train demo_train` (the conv matcher): diffusers' import alone is ~3 s of start-up
-    script = textwrap.dedent(
-        f"""
-        import sys
-        from sdzero.config import compose
-        from sdzero.runs import build_method
-        method = build_method(compose("demo_train", ["output_dir={tmp_path}"]))
-        print(type(method).__name__, method.uses_sd, "diffusers" in sys.modules)
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert done.stdout.split() == ["ConvMatcher", "False", "False"]
+def _module_level_imports(path: str) -> list[str]:
+    """Absolute module names a source file imports when it is imported: its statements and the
+    blocks in them, not function bodies nor ``if TYPE_CHECKING:`` blocks."""
+    import ast
+
+    names, nodes = [], list(ast.parse(Path(path).read_text()).body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
+            isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        ):
+            continue
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        nodes += [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.stmt)]
+    return names
+
+
+def _source(module: str) -> Path | None:
+    """The source file of an sdzero module or package (None for anything else), found without
+    importing it."""
+    import sdzero
+
+    base = Path(sdzero.__file__).parent.parent.joinpath(*module.split("."))
+    if not module.startswith("sdzero"):
+        return None
+    return next((p for p in (base / "__init__.py", base.with_suffix(".py")) if p.is_file()), None)
+
+
+def _loaded_at_import(module: str) -> set[str]:
+    """Every module (and package above it) that importing ``module`` loads, following sdzero's
+    own module-level imports through the sources (``from m import name``: ``m``, and ``m.name``
+    when that is an sdzero module)."""
+    found, todo = set(), [module]
+    while todo:
+        parts = todo.pop().split(".")
+        for name in (".".join(parts[: i + 1]) for i in range(len(parts))):
+            path = _source(name)
+            if name in found or (name.startswith("sdzero") and path is None):
+                continue
+            found.add(name)
+            todo += _module_level_imports(path) if path else []
+    return found
+
+
+def test_a_method_without_stable_diffusion_imports_no_diffusers():
+    # the conv matcher of `sdzero train demo_train`: diffusers' import alone is ~3 s of start-up
+    loaded = _loaded_at_import("sdzero.correspondence.conv_matcher")
+    assert "sdzero.evaluation" in loaded and "torch" in loaded  # the walk follows sdzero's imports
+    assert not {"diffusers", "transformers", "sdzero.backbones.sd"} & loaded
+    assert "diffusers" in _loaded_at_import("sdzero.correspondence.module")  # ldm_corr needs it
