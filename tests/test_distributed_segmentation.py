@@ -19,10 +19,7 @@ def test_concurrent_prototype_builds_leave_a_valid_cache(tmp_path):
     data = write_synthetic_voc(tmp_path / "data", num_images=1, classes=2, image_size=64)
     classes = sorted(p.name for p in (data / "support").iterdir())
     cache = tmp_path / "cache"
-    args = [
-        sys.executable,
-        "-m",
-        "sdzero.cli",
+    argv = [
         "prototypes",
         "build",
         "--classes",
@@ -37,6 +34,7 @@ def test_concurrent_prototype_builds_leave_a_valid_cache(tmp_path):
         "method.kmeans_k=4",
     ]
     env = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PATH": ""}
+    args = [sys.executable, "-m", "sdzero.cli", *argv]
     procs = [
         subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -56,7 +54,7 @@ def test_concurrent_prototype_builds_leave_a_valid_cache(tmp_path):
         assert hashlib.sha256(payload).hexdigest().encode() == digest
     # a third run (here, in this process) finds everything cached: the files are untouched
     stamps = [p.stat().st_mtime_ns for p in files]
-    assert main(args[3:]) == 0
+    assert main(argv) == 0
     assert [p.stat().st_mtime_ns for p in files] == stamps
 
 

@@ -1,12 +1,12 @@
 """Start-up: `--help`, `--version`, config errors and `info` load no heavy library, and the
 settings schema read from the sources equals the imported settings dataclasses'."""
 
+import ast
 import json
 import subprocess
 import sys
 import textwrap
 import typing
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from sdzero import config as config_module
 from sdzero.config import _import, available, compose, config_dir
 from sdzero.settings import settings_defaults
-from sdzero.settings_source import Unresolved, source_schema
+from sdzero.settings_source import Unresolved, _project, _tree, source_schema
 
 HEAVY = (
     "torch",
@@ -243,12 +243,10 @@ def test_source_schema_gives_up_on_what_it_cannot_read(fakeproj):
         source_schema("collections.OrderedDict")  # not a project package
 
 
-def _module_level_imports(path: str) -> list[str]:
-    """Absolute module names a source file imports when it is imported: its statements and the
-    blocks in them, not function bodies nor ``if TYPE_CHECKING:`` blocks."""
-    import ast
-
-    names, nodes = [], list(ast.parse(Path(path).read_text()).body)
+def _module_level_imports(tree: ast.Module) -> list[str]:
+    """Absolute module names a module imports when it is imported: its statements and the blocks
+    in them, not function bodies nor ``if TYPE_CHECKING:`` blocks."""
+    names, nodes = [], list(tree.body)
     while nodes:
         node = nodes.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
@@ -263,30 +261,25 @@ def _module_level_imports(path: str) -> list[str]:
     return names
 
 
-def _source(module: str) -> Path | None:
-    """The source file of an sdzero module or package (None for anything else), found without
-    importing it."""
-    import sdzero
-
-    base = Path(sdzero.__file__).parent.parent.joinpath(*module.split("."))
-    if not module.startswith("sdzero"):
-        return None
-    return next((p for p in (base / "__init__.py", base.with_suffix(".py")) if p.is_file()), None)
-
-
 def _loaded_at_import(module: str) -> set[str]:
-    """Every module (and package above it) that importing ``module`` loads, following sdzero's
-    own module-level imports through the sources (``from m import name``: ``m``, and ``m.name``
-    when that is an sdzero module)."""
+    """Every module (and package above it) that importing ``module`` loads, following the
+    project's module-level imports through its sources (``from m import name``: ``m``, and
+    ``m.name`` when that is a module)."""
     found, todo = set(), [module]
     while todo:
         parts = todo.pop().split(".")
         for name in (".".join(parts[: i + 1]) for i in range(len(parts))):
-            path = _source(name)
-            if name in found or (name.startswith("sdzero") and path is None):
+            if name in found:
+                continue
+            if not _project(name):
+                found.add(name)
+                continue
+            try:
+                tree = _tree(name)
+            except (Unresolved, ModuleNotFoundError):  # ``from m import name`` of a non-module
                 continue
             found.add(name)
-            todo += _module_level_imports(path) if path else []
+            todo += _module_level_imports(tree)
     return found
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 BLOCK, HEADER = 32768, 7
 
-QUIET = ["trainer.enable_progress_bar=false", "logger=wandb"]
+TO_WANDB = ["trainer.enable_progress_bar=false", "logger=wandb"]  # no progress bar, W&B logger
 OFFLINE_RUNS = {  # name -> the `sdzero` argv of a small run logged to W&B offline
     "correspondence": ["eval", "demo_correspondence", "data.num_pairs=1", "method.steps=2"]
-    + ["method.num_embeddings=1", "method.inference_crops=4", *QUIET],
-    "segmentation": ["eval", "demo_segmentation", "data.num_images=2", *QUIET]
+    + ["method.num_embeddings=1", "method.inference_crops=4", *TO_WANDB],
+    "segmentation": ["eval", "demo_segmentation", "data.num_images=2", *TO_WANDB]
     + ["logger.artifacts=true"],
 }
 OFFLINE_ENV = {"WANDB_MODE": "offline", "WANDB_API_KEY": ""}
